@@ -1,0 +1,49 @@
+# make reproduce : install, generate the tiny data, run the tiny batch of notebooks (results/)
+# make test      : install if needed, unit tests, papermill smoke run, strict nbval of notebooks/
+# make notebooks : re-execute the committed notebooks in place from the tiny results (no retraining)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-8)
+BATCH ?= params/tiny.yaml
+export TQDM_MININTERVAL ?= 30
+export PYTHONHASHSEED := 0
+
+.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+reproduce: install
+	$(PY) -m helpers.batch $(BATCH)
+
+unit: install
+	TQDM_DISABLE=1 $(PY) -m pytest -q tests/unit
+
+smoke: install
+	TQDM_DISABLE=1 $(PY) -m pytest -q tests/test_smoke_batch.py
+
+# nbval re-executes the committed notebooks with their tiny defaults; finished runs in results/
+# are reused (no retraining), so it needs `make reproduce` first.
+nbval: reproduce
+	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/ --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+test: unit smoke nbval
+
+notebooks: reproduce
+	for nb in notebooks/[0-9]*.ipynb; do \
+		TQDM_DISABLE=1 $(VENV)/bin/papermill --cwd notebooks -k python3 --no-progress-bar "$$nb" "$$nb" || exit 1; \
+		$(VENV)/bin/nbstripout --keep-output --keep-count "$$nb"; \
+	done
+
+benchmarks: install
+	$(PY) -m helpers.benchmarks
+
+clean-results:
+	rm -rf results/[0-9]*_*/ results/manifest.json

@@ -1,0 +1,139 @@
+"""Run numbered notebooks with papermill, one run per parameter set: `python -m helpers.batch params/tiny.yaml`.
+
+A batch file lists runs in order::
+
+    common: {SEED: 0}                 # merged into every run whose notebook declares the key
+    runs:
+      - notebook: 01_prepare_data
+      - notebook: 02_train_detector
+        parameters: {STAGE: pretrain, DATASET: coco}
+
+Each run's parameters are the notebook's defaults updated with `common` and its own
+`parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
+notebook starts. A run whose folder already holds `metrics.json` is skipped; an interrupted run
+is executed again and resumes from its checkpoints. The executed notebook and its log are kept
+in the run folder, and `results/manifest.json` lists every run of the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from helpers.runs import ROOT, atomic_write_json, results_dir, run_id
+
+NOTEBOOKS = ROOT / "notebooks"
+
+
+class BatchError(RuntimeError):
+    pass
+
+
+def notebook_path(name: str) -> Path:
+    path = NOTEBOOKS / (name if name.endswith(".ipynb") else f"{name}.ipynb")
+    if not path.exists():
+        raise BatchError(f"notebook {path.name} not found in {NOTEBOOKS}")
+    return path
+
+
+def notebook_defaults(path: Path) -> dict:
+    """The literal defaults of the notebook's `parameters` cell (via papermill's inspector)."""
+    import papermill
+    params = papermill.inspect_notebook(str(path))
+    if not params:
+        raise BatchError(f"{path.name} has no cell tagged 'parameters'")
+    try:
+        return {name: ast.literal_eval(p["default"]) for name, p in params.items()}
+    except (ValueError, SyntaxError) as err:
+        raise BatchError(f"{path.name}: parameter defaults must be literals ({err})") from None
+
+
+def load_batch(batch_file: str | Path) -> list[dict]:
+    """Resolve every run of a batch file: notebook path, full parameters, run id."""
+    spec = yaml.safe_load(Path(batch_file).read_text()) or {}
+    common = spec.get("common", {}) or {}
+    resolved = []
+    for i, entry in enumerate(spec.get("runs", [])):
+        path = notebook_path(entry["notebook"])
+        defaults = notebook_defaults(path)
+        own = entry.get("parameters", {}) or {}
+        unknown = sorted(set(own) - set(defaults))
+        if unknown:
+            raise BatchError(f"{batch_file}: runs[{i}] sets {unknown}, which {path.name} does not declare "
+                             f"(its parameters: {sorted(defaults)})")
+        overrides = {k: v for k, v in common.items() if k in defaults} | own
+        params = defaults | overrides
+        resolved.append({"notebook": path.stem, "path": path, "overrides": overrides, "params": params,
+                         "run_id": run_id(params)})
+    return resolved
+
+
+def execute(run: dict, force: bool = False) -> str:
+    """Run one notebook unless its run is finished; returns 'skipped' or 'done'."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    out_dir = results_dir() / run["notebook"] / run["run_id"]
+    if (out_dir / "metrics.json").exists() and not force:
+        return "skipped"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / f"{run['notebook']}.ipynb"
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
+    try:
+        with open(out_dir / "log.txt", "w") as log:
+            papermill.execute_notebook(str(run["path"]), str(output), parameters=run["overrides"],
+                                       cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
+                                       stdout_file=log, stderr_file=log)
+    except PapermillExecutionError as err:
+        raise BatchError(f"{run['notebook']} (run {run['run_id']}, parameters {run['overrides']}) failed in "
+                         f"cell {err.cell_index} (execution count {err.exec_count}): {err.ename}: {err.evalue}\n"
+                         f"Executed notebook with the traceback: {output}") from None
+    if not (out_dir / "metrics.json").exists():
+        raise BatchError(f"{run['notebook']} finished but wrote no metrics.json in {out_dir}: its parameters "
+                         "resolve to another run id than the batch computed (are all parameters literals?)")
+    return "done"
+
+
+def write_manifest(runs: list[dict], batch_file: str | Path) -> Path:
+    rows = []
+    for run in runs:
+        folder = results_dir() / run["notebook"] / run["run_id"]
+        rows.append({"notebook": run["notebook"], "run_id": run["run_id"], "params": run["params"],
+                     "finished": (folder / "metrics.json").exists(),
+                     "path": str(folder.relative_to(results_dir()))})
+    manifest = results_dir() / "manifest.json"
+    existing = json.loads(manifest.read_text()) if manifest.exists() else {"batches": {}}
+    existing["batches"][Path(batch_file).stem] = rows
+    return atomic_write_json(manifest, existing)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("batch", help="YAML batch file, e.g. params/tiny.yaml")
+    parser.add_argument("--only", action="append", default=[], help="run only these notebooks (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("--list", action="store_true", help="print the resolved runs and exit")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_batch(args.batch)
+        selected = [r for r in runs if not args.only or r["notebook"] in args.only]
+        for i, run in enumerate(selected, 1):
+            label = f"[{i}/{len(selected)}] {run['notebook']} {run['run_id']} {run['overrides']}"
+            if args.list:
+                print(label)
+                continue
+            print(label, "...", flush=True)
+            print(f"    {execute(run, args.force)}", flush=True)
+            write_manifest(runs, args.batch)
+    except BatchError as err:
+        print(f"batch failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""One builder for the detector of both profiles: torchvision `RetinaNet` in every case.
+
+- `retinanet_resnet50_fpn_v2`: the paper's model (ResNet-50-FPN v2, GroupNorm head, GIoU loss),
+  COCO_V1 weights from the local torch cache, native 640x512 input.
+- `retinanet_resnet18_fpn_tiny`: same class and head design, ResNet-18 body with BatchNorm2d
+  (distillation needs running statistics), FPN of 128 channels, P6/P7 from C5, anchors scaled to
+  a 160x128 frame (FLIR / 4).
+
+Labels 1..K need `num_classes=K+1` because torchvision indexes class logits with the label.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models.detection import RetinaNet, RetinaNet_ResNet50_FPN_V2_Weights, retinanet_resnet50_fpn_v2
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from helpers.runs import resolve_path
+
+ARCHS = ("retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn_tiny")
+
+
+class WeightsMissing(FileNotFoundError):
+    """Pretrained weights are not on disk (this machine cannot download them)."""
+
+
+def coco_v1_state_dict() -> dict:
+    """torchvision's COCO_V1 RetinaNet v2 weights from the torch hub cache, never downloaded here."""
+    weights = RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise WeightsMissing(
+            f"COCO-pretrained RetinaNet v2 weights not found at {path}.\n"
+            f"Download {weights.url} on a machine with internet access and copy it there "
+            f"(or set TORCH_HOME so that $TORCH_HOME/hub/checkpoints/{path.name} exists).")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _tiny(num_classes: int, min_size: int, max_size: int) -> RetinaNet:
+    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    fpn_channels = 128
+    # as torchvision's v2 extractor (layers 2-4, P6/P7 from C5), with a narrower FPN
+    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512],
+                               fpn_channels, extra_blocks=LastLevelP6P7(512, fpn_channels))
+    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (8, 16, 32, 64, 128))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+                         norm_layer=partial(nn.GroupNorm, 32))
+    head.regression_head._loss_type = "giou"
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
+                     min_size=min_size, max_size=max_size)
+
+
+def build_detector(arch: str, num_classes: int, min_size: int, max_size: int, weights: str = "none") -> RetinaNet:
+    """Build a RetinaNet.
+
+    weights: "none" (random init), "COCO_V1" (torchvision's COCO weights, paper profile only; the
+    classification layer is replaced when `num_classes` differs from 91) or a path to a checkpoint
+    saved by `helpers.train` (same replacement rule).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "retinanet_resnet50_fpn_v2":
+        model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes,
+                                          min_size=min_size, max_size=max_size)
+    else:
+        model = _tiny(num_classes, min_size, max_size)
+    if weights == "none":
+        return model
+    if weights == "COCO_V1":
+        if arch != "retinanet_resnet50_fpn_v2":
+            raise ValueError("COCO_V1 weights exist only for retinanet_resnet50_fpn_v2")
+        state = coco_v1_state_dict()
+    else:
+        path = resolve_path(weights)
+        if not path.exists():
+            raise WeightsMissing(f"checkpoint {path} not found; run the training notebook that writes it.")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("model", state)
+    load_with_new_classes(model, state)
+    return model
+
+
+def load_with_new_classes(model: RetinaNet, state: dict) -> list[str]:
+    """Load every tensor; if the class count differs, keep the fresh classification layer (paper 4.1.2)."""
+    own = model.state_dict()
+    replaced = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if any(not k.startswith("head.classification_head.cls_logits") for k in replaced):
+        raise ValueError(f"checkpoint does not match the architecture: {replaced[:4]}")
+    state = {k: v for k, v in state.items() if k not in replaced}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(replaced):
+        raise ValueError(f"checkpoint does not match the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return replaced
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_mb(model: nn.Module, bits: int = 32) -> float:
+    """Parameter storage in MiB at `bits` per weight, the paper's Table 1 'Model Size (MB)'.
+
+    The paper's 145.7 MB is exactly 38,198,935 fp32 parameters of the 91-class v2 model in MiB.
+    """
+    return num_parameters(model) * bits / 8 / 2 ** 20

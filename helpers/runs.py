@@ -1,0 +1,181 @@
+"""Results layout: `results/<notebook>/<run_id>/`, atomic writes, finding upstream runs.
+
+A run is identified by a short hash of its resolved parameters, so rerunning the same
+configuration finds (and resumes or skips) the same folder instead of making a new one.
+Volatile facts (times, versions, host) go to `env.json`; `metrics.json` holds only results and
+marks the run finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(os.environ.get("IRZSQ_ROOT", Path(__file__).resolve().parents[1]))
+
+
+def results_dir() -> Path:
+    """Where runs are written; `IRZSQ_RESULTS_DIR` redirects it (tests, smoke runs)."""
+    return Path(os.environ.get("IRZSQ_RESULTS_DIR", ROOT / "results"))
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Paths in parameters are relative to the project root, whatever the working directory."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+# --------------------------------------------------------------------------- atomic writes
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _rounded(obj: Any, digits: int):
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {str(k): _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | Path, data: Any, digits: int | None = None) -> Path:
+    """Write JSON with sorted keys through a temp file and `os.replace` (no half-written files)."""
+    if digits is not None:
+        data = _rounded(data, digits)
+    text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    return _atomic(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    import torch
+    return _atomic(Path(path), lambda fh: torch.save(obj, fh))
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one line; a crash mid-write leaves at most one torn last line, which readers drop."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # torn last line of an interrupted run
+    return rows
+
+
+# --------------------------------------------------------------------------- run identity
+def run_id(params: dict) -> str:
+    """Short stable hash of the resolved parameters."""
+    blob = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def collect_parameters(namespace: dict) -> dict:
+    """The notebook's parameters: its UPPER_CASE names bound to plain literals."""
+    plain = (str, int, float, bool, type(None), list, tuple, dict)
+    return {k: v for k, v in namespace.items()
+            if k.isupper() and not k.startswith("_") and isinstance(v, plain)}
+
+
+@dataclass
+class Run:
+    notebook: str
+    params: dict
+    dir: Path
+
+    @property
+    def id(self) -> str:
+        return self.dir.name
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "metrics.json").exists()
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def finish(self, metrics: dict, digits: int = 5) -> dict:
+        """Write `metrics.json` (marks the run finished) and refresh `env.json`."""
+        write_env(self.dir)
+        atomic_write_json(self.dir / "metrics.json", metrics, digits=digits)
+        return metrics
+
+    def metrics(self) -> dict:
+        return json.loads((self.dir / "metrics.json").read_text())
+
+
+def open_run(notebook: str, params: dict) -> Run:
+    """Create (or reopen) the run folder of `notebook` for these parameters."""
+    directory = results_dir() / notebook / run_id(params)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "params.json", {"notebook": notebook, "params": params})
+    return Run(notebook, params, directory)
+
+
+def list_runs(notebook: str, finished: bool = True, **match) -> list[Run]:
+    """Runs of `notebook` whose parameters contain `match`, oldest finished first."""
+    found = []
+    for pfile in sorted((results_dir() / notebook).glob("*/params.json")):
+        params = json.loads(pfile.read_text())["params"]
+        if all(params.get(k) == v for k, v in match.items()):
+            run = Run(notebook, params, pfile.parent)
+            if run.finished or not finished:
+                found.append(run)
+    return sorted(found, key=lambda r: (r.dir / "metrics.json").stat().st_mtime if r.finished else 0)
+
+
+def find_run(notebook: str, run_id_: str | None = None, **match) -> Run:
+    """The upstream run a notebook reads from: by id, or the newest finished run matching `match`."""
+    if run_id_:
+        runs = [r for r in list_runs(notebook) if r.id == run_id_]
+    else:
+        runs = list_runs(notebook, **match)
+    if not runs:
+        wanted = f"run {run_id_}" if run_id_ else ", ".join(f"{k}={v!r}" for k, v in match.items())
+        raise FileNotFoundError(
+            f"No finished run of {notebook} with {wanted} under {results_dir()}. "
+            f"Run that notebook first, e.g. `python -m helpers.batch params/tiny.yaml`.")
+    return runs[-1]
+
+
+def write_env(directory: Path) -> None:
+    """Volatile provenance, kept out of metrics so metrics stay comparable across machines."""
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    atomic_write_json(directory / "env.json", {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": platform.python_version(),
+        "torch": torch.__version__, "host_cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "git_commit": commit})

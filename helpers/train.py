@@ -1,0 +1,168 @@
+"""Detector training in the style of torchvision's `references/detection`, resumable and seeded.
+
+`fit` writes, every epoch and atomically, one checkpoint dict
+`{model, optimizer, lr_scheduler, epoch, args}` to `checkpoint.pth`, and appends the epoch's mean
+losses (and optional validation mAP) to `train_log.jsonl`. Rerunning `fit` on the same folder
+resumes after the last finished epoch; a finished run does no training at all.
+Each epoch reseeds torch from (seed, epoch), so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from helpers.runs import append_jsonl, atomic_torch_save, read_jsonl
+
+
+@dataclass
+class Schedule:
+    """Optimiser and learning-rate schedule (paper 4.2.1: SGD 0.01, momentum 0.9, wd 1e-4, lr/5 every 10 epochs)."""
+
+    epochs: int
+    optimizer: str = "sgd"          # "sgd" | "adamw"
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    lr_schedule: str = "step"       # "step" (x gamma every step_epochs) | "cosine"
+    step_epochs: int = 10
+    gamma: float = 0.2
+    warmup_iters: int = 0
+    grad_clip: float = 0.0          # 0 = off
+
+
+class TrainingDiverged(FloatingPointError):
+    pass
+
+
+def make_optimizer(model: nn.Module, s: Schedule) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {s.optimizer!r}")
+
+
+def lr_factor(s: Schedule, iters_per_epoch: int) -> Callable[[int], float]:
+    """Per-iteration multiplier: linear warm-up, then step or cosine decay."""
+    total = max(s.epochs * iters_per_epoch, 1)
+    if s.lr_schedule not in ("step", "cosine"):
+        raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {s.lr_schedule!r}")
+
+    def factor(it: int) -> float:
+        warm = min(1.0, (it + 1) / s.warmup_iters) if s.warmup_iters else 1.0
+        if s.lr_schedule == "step":
+            return warm * s.gamma ** (it // (s.step_epochs * iters_per_epoch))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+    return factor
+
+
+def train_one_epoch(model, optimizer, scheduler, loader, grad_clip: float = 0.0, epoch: int = 0,
+                    progress: bool | None = None) -> dict:
+    """One pass over `loader`; returns mean loss components."""
+    model.train()
+    sums, count = {}, 0
+    kwargs = {} if progress is None else {"disable": not progress}
+    for it, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, **kwargs)):
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        losses = model(list(images), targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, iteration {it} "
+                                   f"({ {k: v.item() for k, v in losses.items()} }); lower the learning rate "
+                                   "or raise the warm-up, then rerun (training resumes from the last good epoch).")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def fit(model: nn.Module, loader, schedule: Schedule, run_dir: str | Path, seed: int = 0,
+        evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
+        progress: bool | None = None) -> list[dict]:
+    """Train for `schedule.epochs`, checkpointing and logging every epoch; resume if interrupted.
+
+    `evaluate(model) -> dict` runs every `eval_every` epochs and after the last one (its values are
+    logged with an `val_` prefix). Returns the whole epoch log.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path, log_path = run_dir / "checkpoint.pth", run_dir / "train_log.jsonl"
+    optimizer = make_optimizer(model, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, len(loader)))
+    start = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        start = ckpt["epoch"] + 1
+    log = [row for row in read_jsonl(log_path) if row["epoch"] < start]
+    kwargs = {} if progress is None else {"disable": not progress}
+    for epoch in tqdm(range(start, schedule.epochs), desc="training", initial=start, total=schedule.epochs, **kwargs):
+        torch.manual_seed(seed * 100_003 + epoch)
+        if getattr(loader, "generator", None) is not None:
+            loader.generator.manual_seed(seed * 100_003 + epoch)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, optimizer, scheduler, loader, schedule.grad_clip, epoch, progress))
+        last = epoch == schedule.epochs - 1
+        if evaluate is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
+            row.update({f"val_{k}": v for k, v in evaluate(model).items() if isinstance(v, (int, float))})
+        atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
+                                      "args": asdict(schedule)})
+        append_jsonl(log_path, row)
+        log.append(row)
+    return log
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """The final model alone (what downstream notebooks load)."""
+    return atomic_torch_save(path, {"model": model.state_dict()})
+
+
+def resolve_init(init: str, **match) -> str:
+    """Weights to start from: "none", "COCO_V1", or "pretrain" = the finished pretrain run matching `match`."""
+    if init in ("none", "COCO_V1"):
+        return init
+    if init == "pretrain":
+        from helpers.runs import find_run
+        return str(find_run("02_train_detector", STAGE="pretrain", **match).path("model.pth"))
+    raise ValueError(f"INIT must be 'none', 'COCO_V1' or 'pretrain', got {init!r}")
+
+
+def log_table(log: list[dict], digits: int = 3):
+    """The epoch log as a rounded DataFrame (epoch counted from 1)."""
+    import pandas as pd
+    frame = pd.DataFrame(log)
+    if frame.empty:
+        return frame
+    frame["epoch"] += 1
+    keep = ["epoch", "lr", "loss", "classification", "bbox_regression"] + [c for c in frame if c.startswith("val_")]
+    return frame[[c for c in keep if c in frame]].round({c: digits for c in frame if c != "lr"}).round({"lr": 6})
+
+
+def convergence(log: list[dict], window: int = 2, loss_tol: float = 0.05, ap_tol: float = 0.015) -> dict:
+    """Call training converged when, over the last `window` epochs, the train loss fell by less than
+    `loss_tol` (relative) and validation mAP moved by less than `ap_tol` (absolute)."""
+    if len(log) <= window:
+        return {"epochs": len(log), "converged": False, "reason": "too few epochs to judge"}
+    loss_change = (log[-1 - window]["loss"] - log[-1]["loss"]) / log[-1 - window]["loss"]
+    evaluated = [r["val_AP"] for r in log if "val_AP" in r]
+    ap_change = evaluated[-1] - evaluated[-2] if len(evaluated) >= 2 else None
+    converged = loss_change < loss_tol and ap_change is not None and abs(ap_change) < ap_tol
+    return {"epochs": len(log), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
+            f"loss_rel_drop_last_{window}_epochs": loss_change, "val_AP_change_last_eval": ap_change,
+            "converged": converged}

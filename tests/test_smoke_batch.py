@@ -1,0 +1,44 @@
+"""Papermill smoke run: the real notebooks, through the batch runner, on a handful of images."""
+import json
+import shutil
+
+import pytest
+
+from helpers import batch
+from helpers.runs import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    monkeypatch.setenv("IRZSQ_RESULTS_DIR", str(results))
+    shutil.rmtree(ROOT / "data" / "smoke", ignore_errors=True)
+    assert batch.main(["params/smoke.yaml"]) == 0
+    runs = batch.load_batch(ROOT / "params" / "smoke.yaml")
+    for run in runs:
+        folder = results / run["notebook"] / run["run_id"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert (folder / f"{run['notebook']}.ipynb").exists()
+        if run["notebook"] == "01_prepare_data":
+            flir = metrics["datasets"]["flir_train"]
+            assert flir["images"] == 16 and flir["dropped_instances"] >= 0
+        else:
+            assert 0.0 <= metrics["eval"]["AP"] <= 1.0 and metrics["eval"]["detections"] > 0
+            assert metrics["convergence"]["epochs"] == run["params"]["EPOCHS"]
+            assert (folder / "model.pth").exists()
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert [r["finished"] for r in manifest["batches"]["smoke"]] == [True] * len(runs)
+    # a second invocation finds every run finished and skips it
+    capsys.readouterr()
+    assert batch.main(["params/smoke.yaml"]) == 0
+    assert capsys.readouterr().out.count("skipped") == len(runs)
+
+
+def test_failure_names_notebook_and_cell(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IRZSQ_RESULTS_DIR", str(tmp_path / "results"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs:\n  - notebook: 02_train_detector\n    parameters: {DATA_ROOT: /nonexistent, EPOCHS: 1}\n")
+    assert batch.main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "02_train_detector" in err and "failed in cell" in err and "DatasetError" in err and "FLIR ADAS v1.3" in err

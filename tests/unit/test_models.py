@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from helpers import models, train
+
+
+def test_tiny_builder_runs_both_modes():
+    model = models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160)
+    assert isinstance(model, torch.nn.Module)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
+    images = [torch.rand(3, 128, 160), torch.rand(3, 128, 160)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"classification", "bbox_regression"}
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+
+
+def test_paper_builder_constructs_offline_with_the_papers_sizes():
+    coco = models.build_detector("retinanet_resnet50_fpn_v2", 91, 512, 640)
+    flir = models.build_detector("retinanet_resnet50_fpn_v2", 4, 512, 640)
+    # paper Table 1: 145.7 MB (COCO, 91 classes) and 138.8 MB (FLIR, 3 classes + background)
+    assert round(models.model_size_mb(coco), 1) == 145.7
+    assert round(models.model_size_mb(flir), 1) == 138.8
+    assert models.model_size_mb(flir, bits=8) == pytest.approx(models.model_size_mb(flir) / 4)
+    assert coco.transform.min_size == (512,) and coco.transform.max_size == 640
+
+
+def test_missing_coco_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(models.WeightsMissing, match="retinanet_resnet50_fpn_v2_coco-5905b1c5.pth") as err:
+        models.build_detector("retinanet_resnet50_fpn_v2", 91, 512, 640, weights="COCO_V1")
+    assert "download.pytorch.org" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_finetune_keeps_every_weight_but_the_classifier(tmp_path):
+    pre = models.build_detector("retinanet_resnet18_fpn_tiny", 8, 128, 160)
+    train.save_weights(pre, tmp_path / "model.pth")
+    ft = models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160, weights=str(tmp_path / "model.pth"))
+    a, b = pre.state_dict(), ft.state_dict()
+    changed = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+    assert changed == ["head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"]
+    assert ft.head.classification_head.num_classes == 4
+
+
+def test_wrong_architecture_checkpoint_is_rejected(tmp_path):
+    train.save_weights(models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160), tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="does not match"):
+        models.build_detector("retinanet_resnet50_fpn_v2", 4, 512, 640, weights=str(tmp_path / "m.pth"))
+    with pytest.raises(ValueError, match="arch must be one of"):
+        models.build_detector("yolo", 4, 128, 160)

@@ -1,0 +1,50 @@
+"""Every batch file resolves against the notebooks it names (papermill only warns on unknown names)."""
+from pathlib import Path
+
+import papermill
+import pytest
+import yaml
+
+from helpers import batch
+
+PARAMS = sorted(Path(__file__).resolve().parents[2].joinpath("params").glob("*.yaml"))
+BATCHES = [p for p in PARAMS if "runs" in (yaml.safe_load(p.read_text()) or {})]
+
+
+@pytest.mark.parametrize("batch_file", BATCHES, ids=lambda p: p.name)
+def test_every_key_exists_in_the_target_notebook(batch_file):
+    spec = yaml.safe_load(batch_file.read_text())
+    for entry in spec["runs"]:
+        declared = papermill.inspect_notebook(str(batch.notebook_path(entry["notebook"])))
+        for key in (entry.get("parameters") or {}):
+            assert key in declared, f"{batch_file.name}: {entry['notebook']} has no parameter {key}"
+        for key, value in (entry.get("parameters") or {}).items():
+            default = batch.notebook_defaults(batch.notebook_path(entry["notebook"]))[key]
+            assert type(value) is type(default) or (isinstance(default, float) and isinstance(value, int)), \
+                f"{batch_file.name}: {key}={value!r} has another type than the default {default!r}"
+    assert batch.load_batch(batch_file)  # resolves: notebooks exist, ids computed
+
+
+def test_batch_names_unknown_parameters(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs:\n  - notebook: 02_train_detector\n    parameters: {EPOCS: 3}\n")
+    with pytest.raises(batch.BatchError, match=r"sets \['EPOCS'\], which 02_train_detector.ipynb does not declare"):
+        batch.load_batch(bad)
+
+
+def test_tiny_batch_defaults_resolve_to_the_committed_notebook_runs():
+    runs = batch.load_batch(Path(batch.ROOT) / "params" / "tiny.yaml")
+    finetune = [r for r in runs if r["notebook"] == "02_train_detector" and r["params"]["STAGE"] == "finetune"]
+    assert len(finetune) == 1
+    # the default fine-tune run is the one nbval re-executes: same parameters as the notebook defaults
+    assert finetune[0]["params"] == batch.notebook_defaults(batch.notebook_path("02_train_detector"))
+
+
+@pytest.mark.parametrize("notebook", sorted((Path(batch.ROOT) / "notebooks").glob("[0-9]*.ipynb")), ids=lambda p: p.name)
+def test_papermill_parses_every_parameter_line(notebook):
+    """papermill silently skips lines it cannot parse (e.g. an '=' inside a comment)."""
+    import nbformat
+    nb = nbformat.read(notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [line.split(":")[0] for line in cell.source.splitlines() if line and not line.startswith("#")]
+    assert sorted(papermill.inspect_notebook(str(notebook))) == sorted(assigned)

@@ -1,0 +1,43 @@
+import json
+import os
+
+import pytest
+
+from helpers import runs
+
+
+def test_run_id_depends_only_on_parameters():
+    assert runs.run_id({"a": 1, "b": [1, 2]}) == runs.run_id({"b": [1, 2], "a": 1})
+    assert runs.run_id({"a": 1}) != runs.run_id({"a": 2})
+
+
+def test_collect_parameters_takes_upper_case_literals():
+    namespace = {"SEED": 0, "LR": 0.1, "CLASSES": ["car"], "run": object(), "lower": 1, "MODULE": os}
+    assert runs.collect_parameters(namespace) == {"SEED": 0, "LR": 0.1, "CLASSES": ["car"]}
+
+
+def test_atomic_json_is_sorted_rounded_and_leaves_no_temp_files(tmp_path):
+    path = runs.atomic_write_json(tmp_path / "m.json", {"b": 0.123456789, "a": [1.0 / 3]}, digits=4)
+    assert path.read_text().index('"a"') < path.read_text().index('"b"')
+    assert json.loads(path.read_text()) == {"a": [0.3333], "b": 0.1235}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    with pytest.raises(ValueError):
+        runs.atomic_write_json(tmp_path / "m.json", {"x": float("nan")})
+    assert json.loads(path.read_text())["b"] == 0.1235  # a failed write keeps the old file
+
+
+def test_torn_jsonl_line_is_dropped(tmp_path):
+    runs.append_jsonl(tmp_path / "log.jsonl", {"epoch": 0})
+    with open(tmp_path / "log.jsonl", "a") as fh:
+        fh.write('{"epoch": 1, "lo')
+    assert runs.read_jsonl(tmp_path / "log.jsonl") == [{"epoch": 0}]
+
+
+def test_runs_are_found_by_parameters():
+    run = runs.open_run("02_train_detector", {"STAGE": "pretrain", "SEED": 0})
+    with pytest.raises(FileNotFoundError, match="No finished run of 02_train_detector with STAGE='pretrain'"):
+        runs.find_run("02_train_detector", STAGE="pretrain")
+    run.finish({"AP": 0.5})
+    assert runs.find_run("02_train_detector", STAGE="pretrain").dir == run.dir
+    assert runs.open_run("02_train_detector", {"STAGE": "pretrain", "SEED": 0}).dir == run.dir
+    assert (run.dir / "env.json").exists()
