@@ -48,6 +48,8 @@ class SceneSpec:
     mean_objects: float = 5.0
     near_height: float = 44.0         # person height (px) at the bottom edge; shrinks to the horizon
     clutter: int = 10                 # distractors per image (poles, exhausts, animals, windows)
+    depth_exponent: float = 0.5       # < 1 favours near (large) objects over distant ones
+    min_height: float = 0.0           # objects that would be drawn smaller (px) are not drawn
     min_visible: float = 0.35         # an object less visible than this is left unannotated
     min_box: float = 3.0              # boxes thinner than this (px) are left unannotated
     noise: tuple[float, float] = (0.01, 0.05)
@@ -60,8 +62,8 @@ def default_spec(kind: str) -> SceneSpec:
     """The RGB set stands in for COCO pretraining, so it is easier than the thermal set,
     whose difficulty is tuned to FLIR's (see the foundation issue and README)."""
     if kind == "coco":
-        return SceneSpec(mean_objects=4.0, near_height=60.0, clutter=4, noise=(0.01, 0.03), min_box=4.0)
-    return SceneSpec(mean_objects=5.0, near_height=52.0, clutter=6, min_box=4.0)
+        return SceneSpec(mean_objects=3.5, near_height=90.0, clutter=2, noise=(0.01, 0.03), min_height=10.0)
+    return SceneSpec(mean_objects=4.5, near_height=80.0, clutter=5, min_height=7.0)
 
 
 THERMAL_WEIGHTS = {"person": 0.38, "car": 0.42, "bicycle": 0.14, "dog": 0.06}
@@ -381,7 +383,7 @@ def generate_scene(rng: np.random.Generator, spec: SceneSpec, rgb: bool):
     hy = horizon * spec.height
     items = []
     for i in range(n_obj):
-        yb = hy + (spec.height * 1.08 - hy) * rng.random() ** 0.7
+        yb = hy + (spec.height * 1.08 - hy) * rng.random() ** spec.depth_exponent
         items.append(("object", str(rng.choice(names, p=probs / probs.sum())), yb, rng.uniform(-8, spec.width + 8)))
     for _ in range(int(rng.integers(spec.clutter // 2, spec.clutter + 1))):
         items.append(("clutter", "", hy + (spec.height * 1.05 - hy) * rng.random(), rng.uniform(0, spec.width)))
@@ -399,6 +401,8 @@ def generate_scene(rng: np.random.Generator, spec: SceneSpec, rgb: bool):
             draw_clutter(c, p, rng, x, yb, scale)
             continue
         h = scale * rng.uniform(*RELATIVE_HEIGHT[name])
+        if h < spec.min_height:
+            continue
         drawer = {"person": draw_person, "bicycle": draw_bicycle, "dog": draw_dog,
                   "traffic light": draw_traffic_light, "stop sign": draw_stop_sign}.get(name)
         if name == "car":

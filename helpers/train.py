@@ -150,7 +150,7 @@ def log_table(log: list[dict], digits: int = 3):
     if frame.empty:
         return frame
     frame["epoch"] += 1
-    keep = ["epoch", "lr", "loss", "classification", "bbox_regression"] + [c for c in frame if c.startswith("val_")]
+    keep = ["epoch", "lr", "loss", "classification", "bbox_regression", "val_AP", "val_AP50"]
     return frame[[c for c in keep if c in frame]].round({c: digits for c in frame if c != "lr"}).round({"lr": 6})
 
 
