@@ -62,8 +62,9 @@ def default_spec(kind: str) -> SceneSpec:
     """The RGB set stands in for COCO pretraining, so it is easier than the thermal set,
     whose difficulty is tuned to FLIR's (see the foundation issue and README)."""
     if kind == "coco":
-        return SceneSpec(mean_objects=3.5, near_height=90.0, clutter=2, noise=(0.01, 0.03), min_height=10.0)
-    return SceneSpec(mean_objects=4.5, near_height=80.0, clutter=5, min_height=7.0)
+        return SceneSpec(mean_objects=3.5, near_height=100.0, clutter=2, noise=(0.01, 0.03), min_height=12.0)
+    return SceneSpec(mean_objects=4.5, near_height=100.0, clutter=2, min_height=16.0, noise=(0.01, 0.03),
+                     inverted_polarity=0.05)
 
 
 THERMAL_WEIGHTS = {"person": 0.38, "car": 0.42, "bicycle": 0.14, "dog": 0.06}
@@ -178,7 +179,7 @@ class Palette:
 
 # --------------------------------------------------------------------------- objects
 def draw_person(c: Canvas, p: Palette, rng, x, yb, h, owner):
-    w = h * rng.uniform(0.24, 0.32)
+    w = h * rng.uniform(0.3, 0.4)  # boxes include arms and bags; thinner people are lost at 160x128
     head_r = h * 0.085
     stride = rng.uniform(-0.12, 0.12) * h
     cloth, legs = p("cloth"), p("cloth")

@@ -9,6 +9,7 @@ Each epoch reseeds torch from (seed, epoch), so a resumed run equals an uninterr
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,7 +117,9 @@ def fit(model: nn.Module, loader, schedule: Schedule, run_dir: str | Path, seed:
         if getattr(loader, "generator", None) is not None:
             loader.generator.manual_seed(seed * 100_003 + epoch)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        started = time.perf_counter()
         row.update(train_one_epoch(model, optimizer, scheduler, loader, schedule.grad_clip, epoch, progress))
+        row["train_seconds"] = time.perf_counter() - started  # volatile: logged, never printed in notebooks
         last = epoch == schedule.epochs - 1
         if evaluate is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
             row.update({f"val_{k}": v for k, v in evaluate(model).items() if isinstance(v, (int, float))})
@@ -154,7 +157,7 @@ def log_table(log: list[dict], digits: int = 3):
     return frame[[c for c in keep if c in frame]].round({c: digits for c in frame if c != "lr"}).round({"lr": 6})
 
 
-def convergence(log: list[dict], window: int = 2, loss_tol: float = 0.05, ap_tol: float = 0.015) -> dict:
+def convergence(log: list[dict], window: int = 1, loss_tol: float = 0.05, ap_tol: float = 0.015) -> dict:
     """Call training converged when, over the last `window` epochs, the train loss fell by less than
     `loss_tol` (relative) and validation mAP moved by less than `ap_tol` (absolute)."""
     if len(log) <= window:
@@ -164,5 +167,5 @@ def convergence(log: list[dict], window: int = 2, loss_tol: float = 0.05, ap_tol
     ap_change = evaluated[-1] - evaluated[-2] if len(evaluated) >= 2 else None
     converged = loss_change < loss_tol and ap_change is not None and abs(ap_change) < ap_tol
     return {"epochs": len(log), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
-            f"loss_rel_drop_last_{window}_epochs": loss_change, "val_AP_change_last_eval": ap_change,
+            "loss_rel_drop_last_epochs": loss_change, "window_epochs": window, "val_AP_change_last_eval": ap_change,
             "converged": converged}
