@@ -10,7 +10,8 @@ A batch file lists runs in order::
 
 Each run's parameters are the notebook's defaults updated with `common` and its own
 `parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
-notebook starts. A run whose folder already holds `metrics.json` is skipped; an interrupted run
+notebook starts. A finished run (its `metrics.json` written and the artifacts it lists, such as
+weights or datasets, still on disk) is skipped; an interrupted run
 is executed again and resumes from its checkpoints. The executed notebook and its log are kept
 in the run folder, and `results/manifest.json` lists every run of the batch.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers.runs import ROOT, atomic_write_json, results_dir, run_id
+from helpers.runs import ROOT, atomic_write_json, is_finished, results_dir, run_id
 
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -78,7 +79,7 @@ def execute(run: dict, force: bool = False) -> str:
     import papermill
     from papermill.exceptions import PapermillExecutionError
     out_dir = results_dir() / run["notebook"] / run["run_id"]
-    if (out_dir / "metrics.json").exists() and not force:
+    if is_finished(out_dir) and not force:
         return "skipped"
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{run['notebook']}.ipynb"
@@ -103,7 +104,7 @@ def write_manifest(runs: list[dict], batch_file: str | Path) -> Path:
     for run in runs:
         folder = results_dir() / run["notebook"] / run["run_id"]
         rows.append({"notebook": run["notebook"], "run_id": run["run_id"], "params": run["params"],
-                     "finished": (folder / "metrics.json").exists(),
+                     "finished": is_finished(folder),
                      "path": str(folder.relative_to(results_dir()))})
     manifest = results_dir() / "manifest.json"
     existing = json.loads(manifest.read_text()) if manifest.exists() else {"batches": {}}

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 ROOT = Path(os.environ.get("IRZSQ_ROOT", Path(__file__).resolve().parents[1]))
 
@@ -106,6 +106,22 @@ def collect_parameters(namespace: dict) -> dict:
             if k.isupper() and not k.startswith("_") and isinstance(v, plain)}
 
 
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def is_finished(directory: Path) -> bool:
+    """A run is finished when its metrics.json exists and every artifact it lists still exists."""
+    metrics = Path(directory) / "metrics.json"
+    if not metrics.exists():
+        return False
+    artifacts = json.loads(metrics.read_text()).get("artifacts", [])
+    return all(resolve_path(a).exists() for a in artifacts)
+
+
 @dataclass
 class Run:
     notebook: str
@@ -118,15 +134,24 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.dir / "metrics.json").exists()
+        return is_finished(self.dir)
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def finish(self, metrics: dict, digits: int = 5) -> dict:
-        """Write `metrics.json` (marks the run finished) and refresh `env.json`."""
+    def finish(self, metrics: dict, artifacts: Iterable[str | Path] = (), digits: int = 5) -> dict:
+        """Write `metrics.json` (marks the run finished) and refresh `env.json`.
+
+        `artifacts` are the files later runs need (weights, datasets). They are listed in
+        metrics.json, and the run only counts as finished while they all exist, so a clone that
+        has the committed metrics but not the (uncommitted) checkpoints runs the notebook again.
+        """
+        missing = [str(a) for a in artifacts if not resolve_path(a).exists()]
+        if missing:
+            raise FileNotFoundError(f"cannot finish run {self.id}: artifacts not written: {missing}")
+        listed = sorted(_relative(resolve_path(a)) for a in artifacts)
         write_env(self.dir)
-        atomic_write_json(self.dir / "metrics.json", metrics, digits=digits)
+        atomic_write_json(self.dir / "metrics.json", {**metrics, "artifacts": listed}, digits=digits)
         return metrics
 
     def metrics(self) -> dict:

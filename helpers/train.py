@@ -160,7 +160,7 @@ def log_table(log: list[dict], digits: int = 3):
 def convergence(log: list[dict], window: int = 1, loss_tol: float = 0.05, ap_tol: float = 0.015) -> dict:
     """Call training converged when, over the last `window` epochs, the train loss fell by less than
     `loss_tol` (relative) and validation mAP moved by less than `ap_tol` (absolute)."""
-    if len(log) <= window:
+    if len(log) < window + 2:  # one more epoch than the window, so the judged change is not the warm-up
         return {"epochs": len(log), "converged": False, "reason": "too few epochs to judge"}
     loss_change = (log[-1 - window]["loss"] - log[-1]["loss"]) / log[-1 - window]["loss"]
     evaluated = [r["val_AP"] for r in log if "val_AP" in r]

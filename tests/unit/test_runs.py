@@ -41,3 +41,16 @@ def test_runs_are_found_by_parameters():
     assert runs.find_run("02_train_detector", STAGE="pretrain").dir == run.dir
     assert runs.open_run("02_train_detector", {"STAGE": "pretrain", "SEED": 0}).dir == run.dir
     assert (run.dir / "env.json").exists()
+
+
+def test_a_run_whose_artifacts_vanished_is_not_finished():
+    run = runs.open_run("02_train_detector", {"STAGE": "finetune", "SEED": 1})
+    with pytest.raises(FileNotFoundError, match="artifacts not written"):
+        run.finish({"AP": 0.5}, artifacts=[run.path("model.pth")])
+    run.path("model.pth").write_bytes(b"weights")
+    run.finish({"AP": 0.5}, artifacts=[run.path("model.pth")])
+    assert run.finished and runs.is_finished(run.dir)
+    run.path("model.pth").unlink()  # e.g. a fresh clone: metrics committed, checkpoints not
+    assert not run.finished
+    with pytest.raises(FileNotFoundError):
+        runs.find_run("02_train_detector", STAGE="finetune")

@@ -1,0 +1,256 @@
+"""helpers.dfmpc: DF-MPC closed form, quantizers, pairing and folding (spec section 7)."""
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from helpers import dfmpc, models
+
+torch.set_num_threads(1)
+
+
+def random_bn(c: int, g: torch.Generator) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=g) * 0.3)
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return bn
+
+
+def scaled_weight(o: int, i: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Filters whose scales vary per channel by e^U(-1,1), as in spec 7.6."""
+    return torch.randn(o, i, k, k, generator=g) * 0.1 * torch.exp(torch.rand(o, 1, 1, 1, generator=g) * 2 - 1)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            fresh = random_bn(m.num_features, g)
+            m.load_state_dict(fresh.state_dict())
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- quantizers
+def test_twn_and_uniform_quantizers():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    q = dfmpc.twn_quantize(w)
+    delta = 0.7 * w.abs().mean()
+    alpha = w.abs()[w.abs() > delta].mean()
+    assert set(q.unique().tolist()) == {-float(alpha), 0.0, float(alpha)}
+    assert torch.equal(q == 0, w.abs() <= delta)
+    u = dfmpc.uniform_quantize(w, 6)
+    assert u.unique().numel() <= 64 and (u - w).abs().max() <= w.abs().max() / 63 + 1e-6
+    grid = (u / w.abs().max() + 1) * 63 / 2  # levels on 0..63, no exact zero (spec 2.2)
+    assert torch.allclose(grid, grid.round(), atol=1e-4) and not bool((u == 0).any())
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 2.5, "4", True, None])
+def test_bad_bit_width_raises(bad):
+    with pytest.raises(ValueError):
+        dfmpc.check_bits(bad)
+    with pytest.raises(ValueError):
+        dfmpc.uniform_quantize(torch.ones(3), bad)
+    with pytest.raises(ValueError):
+        dfmpc.check_bits("binary", allow_ternary=True)
+    assert dfmpc.check_bits("ternary", allow_ternary=True) == "ternary"
+    with pytest.raises(ValueError):
+        dfmpc.check_bits("ternary")  # high bit width must be an int
+
+
+def test_compensate_validates_before_touching_the_model():
+    model = torchvision.models.resnet18(weights=None)
+    before = copy.deepcopy(model.state_dict())
+    for kwargs in ({"high_bits": 9}, {"low_bits": 1}, {"low_bits": "binary"}, {"mode": "x"}, {"apply": "relu"}):
+        with pytest.raises(ValueError):
+            dfmpc.compensate(model, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- closed form
+def test_identity_gives_one():
+    g = torch.Generator().manual_seed(1)
+    w, bn = scaled_weight(16, 8, 3, g), random_bn(16, g)
+    for lam1 in (0.0, 0.5, 2.0):
+        c = dfmpc.compensation_coefficients(w, w, bn, lam1, 0.0)
+        assert c.dtype == torch.float64 and torch.allclose(c, torch.ones(16, dtype=torch.float64), atol=1e-12)
+    c = dfmpc.compensation_coefficients(w, w, bn, 0.5, 0.01)
+    assert bool((c < 1).all())
+
+
+def test_closed_form_is_the_least_squares_minimiser():
+    g = torch.Generator().manual_seed(2)
+    w, bn = scaled_weight(12, 6, 3, g), random_bn(12, g)
+    w_hat = dfmpc.twn_quantize(w)
+    lam1, lam2 = 0.5, 0.01
+    c = dfmpc.compensation_coefficients(w, w_hat, bn, lam1, lam2)
+    # independent solution: per channel, lstsq of the stacked residual [x_hat; sqrt(l1) y; sqrt(l2)] c = [x; sqrt(l1) y; 0]
+    sigma = torch.sqrt(bn.running_var.double() + bn.eps)
+    gj = bn.weight.detach().double() / sigma
+    y = bn.bias.detach().double() - gj * bn.running_mean.double()
+    for j in range(12):
+        a = torch.cat([gj[j] * w_hat[j].double().flatten(), (math.sqrt(lam1) * y[j]).view(1), torch.tensor([math.sqrt(lam2)], dtype=torch.float64)])
+        b = torch.cat([gj[j] * w[j].double().flatten(), (math.sqrt(lam1) * y[j]).view(1), torch.zeros(1, dtype=torch.float64)])
+        sol = torch.linalg.lstsq(a[:, None], b[:, None]).solution.item()
+        assert sol == pytest.approx(float(c[j]), rel=1e-10)
+    # the analytic gradient of Eq. 23 vanishes at c*, and perturbations never lower the loss
+    cc = c.clone().requires_grad_(True)
+    x, xh = gj[:, None] * w.double().flatten(1), gj[:, None] * w_hat.double().flatten(1)
+    loss = ((cc[:, None] * xh - x) ** 2).sum() + lam1 * ((cc * y - y) ** 2).sum() + lam2 * (cc ** 2).sum()
+    loss.backward()
+    assert cc.grad.abs().max() < 1e-10
+    best = dfmpc.filter_space_loss(w, w_hat, bn, c, lam1, lam2)
+    assert best == pytest.approx(float(loss.detach()), rel=1e-12)
+    for _ in range(20):
+        assert dfmpc.filter_space_loss(w, w_hat, bn, c + 0.05 * torch.randn(12, generator=g, dtype=torch.float64),
+                                       lam1, lam2) > best
+    assert best < dfmpc.filter_space_loss(w, w_hat, bn, 1.0, lam1, lam2)
+
+
+def test_twn_limit_is_per_channel_alpha_over_alpha():
+    g = torch.Generator().manual_seed(3)
+    w, bn = scaled_weight(16, 8, 3, g), random_bn(16, g)
+    c = dfmpc.compensation_coefficients(w, dfmpc.twn_quantize(w), bn, 0.0, 0.0)
+    delta = 0.7 * w.abs().mean()
+    alpha = float(dfmpc.twn_scale(w))
+    checked = 0
+    for j in range(16):
+        keep = w[j].abs() > delta
+        if keep.any():
+            assert float(c[j]) == pytest.approx(float(w[j].abs()[keep].double().mean()) / alpha, rel=1e-6)
+            checked += 1
+    assert checked >= 12 and float(c.std()) > 0.05  # per-channel scales really differ
+
+
+def test_scale_absorbed_into_bn_gives_same_c():
+    g = torch.Generator().manual_seed(4)
+    w, bn = scaled_weight(16, 8, 3, g), random_bn(16, g)
+    w_hat = dfmpc.twn_quantize(w)
+    alpha = float(dfmpc.twn_scale(w))
+    bn_hat = copy.deepcopy(bn).double()  # (T, mu/alpha, sigma/alpha)
+    with torch.no_grad():
+        bn_hat.running_mean.copy_(bn.running_mean.double() / alpha)
+        bn_hat.running_var.copy_((bn.running_var.double() + bn.eps) / alpha ** 2 - bn.eps)
+    c1 = dfmpc.compensation_coefficients(w, w_hat, bn, 0.5, 0.0)
+    c2 = dfmpc.compensation_coefficients(w, w_hat.double() / alpha, bn, 0.5, 0.0, bn_hat=bn_hat)
+    assert torch.allclose(c1, c2, rtol=1e-5)
+
+
+def test_degenerate_filter_gives_one_without_nan():
+    g = torch.Generator().manual_seed(5)
+    w, bn = torch.randn(4, 3, 3, 3, generator=g), random_bn(4, g)
+    w[2] *= 1e-4  # far below the layer-wise threshold: ternarizes to all zeros
+    w_hat = dfmpc.twn_quantize(w)
+    assert bool((w_hat[2] == 0).all())
+    c = dfmpc.compensation_coefficients(w, w_hat, bn, 0.0, 0.0)
+    assert torch.isfinite(c).all() and float(c[2]) == 1.0 and bool((c[[0, 1, 3]] != 1).all())
+    assert torch.isfinite(dfmpc.compensation_coefficients(torch.zeros(4, 3, 3, 3), torch.zeros(4, 3, 3, 3), bn, 0, 0)).all()
+
+
+# --------------------------------------------------------------------------- folding and error reduction
+def small_net(seed: int) -> nn.Sequential:
+    """conv(16->32) -> BN -> ReLU -> conv(32->32), BN statistics measured on random post-ReLU input (spec 7.6)."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(scaled_weight(32, 16, 3, g))
+        net[3].weight.copy_(torch.randn(32, 32, 3, 3, generator=g) * 0.05)
+        net[1].weight.copy_(torch.rand(32, generator=g) + 0.5)
+        net[1].bias.copy_(torch.randn(32, generator=g) * 0.3)
+        net[1].momentum = None  # cumulative average
+        net.train()
+        for _ in range(4):
+            net(torch.relu(torch.randn(16, 16, 12, 12, generator=g)))
+    return net.eval()
+
+
+def test_folding_into_bn_equals_weight_side_small_net():
+    net = small_net(0)
+    x = torch.relu(torch.randn(4, 16, 12, 12, generator=torch.Generator().manual_seed(9)))
+    outs = {}
+    for apply in ("bn", "weight"):
+        q = copy.deepcopy(net)
+        r = dfmpc.compensate_pair(q[0], q[1], q[3], apply=apply)
+        outs[apply] = q(x)
+    assert abs(r["mean_c"] - 1) > 1e-3  # c is not trivially 1
+    assert torch.allclose(outs["bn"], outs["weight"], atol=1e-5, rtol=1e-4)
+
+
+def test_folding_into_bn_equals_weight_side_resnet18():
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra, rb = dfmpc.compensate(a, apply="bn"), dfmpc.compensate(b, apply="weight")
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert ra["loss_compensated"] == rb["loss_compensated"]
+    assert torch.allclose(ya, yb, rtol=1e-4, atol=1e-4 * float(ya.abs().max()))
+    n = copy.deepcopy(model)
+    dfmpc.compensate(n, mode="naive")
+    assert not torch.allclose(n(x), ya, rtol=1e-3, atol=1e-3 * float(ya.abs().max()))  # compensation did something
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compensation_lowers_output_error(seed):
+    net = small_net(seed)
+    x = torch.relu(torch.randn(8, 16, 12, 12, generator=torch.Generator().manual_seed(100 + seed)))
+    ref = net(x)
+    err = {}
+    for mode in ("naive", "dfmpc"):
+        q = copy.deepcopy(net)
+        dfmpc.compensate_pair(q[0], q[1], q[3], mode=mode, lambda1=0.5, lambda2=0.0)
+        err[mode] = float(((q(x) - ref) ** 2).mean() / (ref ** 2).mean())
+    assert err["dfmpc"] < 0.95 * err["naive"], err
+
+
+# --------------------------------------------------------------------------- pairing and whole models
+@pytest.mark.parametrize("name,expected,pair", [
+    ("resnet18", 8, ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2")),
+    ("resnet50", 16, ("layer1.0.conv2", "layer1.0.bn2", "layer1.0.conv3")),
+    ("tiny_body", 8, ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2")),
+])
+def test_pairing_counts(name, expected, pair):
+    if name == "tiny_body":
+        model = models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160).backbone.body
+    else:
+        model = getattr(torchvision.models, name)(weights=None)
+    pairs = dfmpc.find_pairs(model)
+    assert len(pairs) == expected and (pairs[0].low, pairs[0].bn, pairs[0].high) == pair
+    assert not any("downsample" in p.low or "downsample" in p.high for p in pairs)
+
+
+def test_compensate_tiny_body_report_and_grids():
+    torch.manual_seed(0)
+    body = randomize_bn(models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160).backbone.body)
+    fp = copy.deepcopy(body)
+    r = dfmpc.compensate(body)
+    assert len(r["pairs"]) == 8 and r["loss_compensated"] < r["loss_naive"]
+    assert all(p["loss_compensated"] <= p["loss_naive"] and p["mean_c"] > 0 for p in r["pairs"])
+    mods = dict(body.named_modules())
+    for name, bits in r["layers"].items():
+        vals = mods[name].weight.unique().numel()
+        assert vals <= (3 if bits == "ternary" else 2 ** bits), (name, bits, vals)
+    assert r["layers"]["conv1"] == 6 and r["layers"]["layer2.0.downsample.0"] == 6
+    n = sum(p.numel() for p in fp.parameters())
+    assert r["size"]["fp32_mib"] == pytest.approx(n * 4 / 2 ** 20)
+    bits = sum(mods[k].weight.numel() * (2 if b == "ternary" else b) for k, b in r["layers"].items())
+    assert r["size"]["weights_mib"] == pytest.approx(bits / 8 / 2 ** 20)
+    # quantize_other=False keeps stem and shortcuts FP32
+    keep = copy.deepcopy(fp)
+    r2 = dfmpc.compensate(keep, quantize_other=False)
+    assert torch.equal(keep.conv1.weight, fp.conv1.weight) and r2["layers"]["conv1"] == "fp32"
+    assert r2["size"]["weights_mib"] > r["size"]["weights_mib"]
+
+
+def test_resnet18_size_matches_spec():
+    r = dfmpc.compensate(torchvision.models.resnet18(weights=None))
+    assert r["size"]["weights_mib"] == pytest.approx(6.10, abs=0.005)  # spec section 8 "we get 6.10 MiB"
+    assert r["size"]["fp32_mib"] == pytest.approx(44.59, abs=0.005)
