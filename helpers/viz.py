@@ -43,3 +43,35 @@ def training_curves(log: list[dict], title: str = ""):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def distillation_curve(curves: dict, title: str = ""):
+    """Formula 2 loss per iteration (mean over images), with its mean and std terms (paper Fig. 2c/2d)."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(curves["iteration"], curves["loss"], label="total")
+    ax.plot(curves["iteration"], curves["mean_term"], "--", label="mean term")
+    if any(curves["std_term"]):
+        ax.plot(curves["iteration"], curves["std_term"], ":", label="std term")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation iteration")
+    ax.set_ylabel("BN-statistics loss (log)")
+    ax.legend(frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def distilled_grid(snapshots: dict, to_pixels, n: int = 4, title: str = ""):
+    """The first `n` distilled images at each stored iteration (rows), shown as [0, 1] pixels (paper Fig. 4)."""
+    iterations = sorted(snapshots)
+    fig, axes = plt.subplots(len(iterations), n, figsize=(1.9 * n, 1.6 * len(iterations)), squeeze=False)
+    for row, it in zip(axes, iterations):
+        pixels = to_pixels(snapshots[it][:n].float()).clamp(0, 1)
+        for ax, image in zip(row, pixels):
+            ax.imshow(image.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"iter {it}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

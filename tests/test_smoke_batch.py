@@ -20,13 +20,25 @@ def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
         folder = results / run["notebook"] / run["run_id"]
         metrics = json.loads((folder / "metrics.json").read_text())
         assert (folder / f"{run['notebook']}.ipynb").exists()
+        params = run["params"]
         if run["notebook"] == "01_prepare_data":
             flir = metrics["datasets"]["flir_train"]
             assert flir["images"] == 16 and flir["dropped_instances"] >= 0
-        else:
+        elif run["notebook"] == "02_train_detector":
             assert 0.0 <= metrics["eval"]["AP"] <= 1.0 and metrics["eval"]["detections"] > 0
-            assert metrics["convergence"]["epochs"] == run["params"]["EPOCHS"]
+            assert metrics["convergence"]["epochs"] == params["EPOCHS"]
             assert (folder / "model.pth").exists()
+        elif run["notebook"] == "03_distill_calibration_data":
+            assert metrics["bn_layers"] > 10 and set(metrics["pixel_statistics"]) == {str(k) for k in params["SNAPSHOT_AT"]}
+            assert (folder / "distilled.pt").exists()
+        elif run["notebook"] == "04_quantize_evaluate":
+            rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+            sweep = len(params["SWEEP_ITERATIONS"]) * params["SWEEP_BATCHES"] if params["SOURCE"] == "distilled" else 0
+            assert len(rows) == metrics["rows"] == len(params["SETTINGS"]) * params["N_BATCHES"] + sweep
+            assert all(0.0 <= r["AP"] <= 1.0 for r in rows)
+        elif run["notebook"] == "06_compare_calibration":
+            assert {c["claim"].split(":")[0] for c in metrics["claims"]} >= {"finetune"}
+            assert len(metrics["runs"]) == 3
     manifest = json.loads((results / "manifest.json").read_text())
     assert [r["finished"] for r in manifest["batches"]["smoke"]] == [True] * len(runs)
     # a second invocation finds every run finished and skips it

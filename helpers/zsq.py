@@ -1,0 +1,181 @@
+"""Zero-shot vs. real-data vs. noise calibration of the fake-quantized detector (paper 4.2.2-4.3).
+
+The experiment notebook (`04_quantize_evaluate`) loads a trained detector, builds calibration
+batches from one source, and for every (bit setting, batch) quantizes the whole detector, calibrates
+it on that batch alone and measures COCO mAP. Each result is one row appended to `rows.jsonl` in
+the run folder as soon as it is measured, so an interrupted run resumes where it stopped.
+
+Calibration sources (all in batches of `batch_size`, paper: 8):
+- "real": consecutive training images, batch k = images [k*8, k*8 + 8) in file order (paper 4.2.3);
+- "distilled": images of a `03_distill_calibration_data` run, already in the normalised input space;
+- "gaussian": N(0, 1) noise in the normalised input space at the detector's input size.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from helpers import data, distill, evaluate, models, quant, runs
+
+SOURCES = ("distilled", "real", "gaussian")
+_SETTING = re.compile(r"^W(\d)A(\d)$")
+
+
+def parse_setting(setting: str) -> tuple[int, int]:
+    """"W8A4" -> (8, 4); bit widths are checked (2..8) before any work starts."""
+    match = _SETTING.match(str(setting))
+    if not match:
+        raise ValueError(f"bit setting must look like 'W8A8' (weights, activations), got {setting!r}")
+    w_bits, a_bits = int(match[1]), int(match[2])
+    return quant.check_bits(w_bits, f"weight bits of {setting}"), quant.check_bits(a_bits, f"activation bits of {setting}")
+
+
+def detector_run(stage: str, **match) -> runs.Run:
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"STAGE must be 'pretrain' or 'finetune', got {stage!r}")
+    return runs.find_run("02_train_detector", STAGE=stage, **match)
+
+
+def validation_set(run: runs.Run, limit: int = 0) -> data.CocoDetectionSet:
+    """The validation set the detector of a `02_train_detector` run was evaluated on."""
+    p = run.params
+    return data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "val", p["CLASSES"] or None, p["LABELS"],
+                                 limit=limit or None)
+
+
+def training_set(run: runs.Run) -> data.CocoDetectionSet:
+    """The detector's training images without augmentation (the PTQ calibration pool)."""
+    p = run.params
+    return data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "train", p["CLASSES"] or None, p["LABELS"])
+
+
+def load_detector(run: runs.Run, num_classes: int) -> torch.nn.Module:
+    p = run.params
+    return models.build_detector(p["ARCH"], num_classes, p["MIN_SIZE"], p["MAX_SIZE"],
+                                 weights=str(run.path("model.pth"))).eval()
+
+
+def real_batches(dataset, n_batches: int, batch_size: int = 8) -> list[list[torch.Tensor]]:
+    """Consecutive training images: batch k holds images k*batch_size ... (k+1)*batch_size - 1."""
+    needed = n_batches * batch_size
+    if needed > len(dataset):
+        raise ValueError(f"{n_batches} batches of {batch_size} need {needed} images; the set has {len(dataset)}")
+    return [[dataset[i][0] for i in range(k * batch_size, (k + 1) * batch_size)] for k in range(n_batches)]
+
+
+def gaussian_batches(n_batches: int, batch_size: int, image_size: tuple[int, int], seed: int) -> list[torch.Tensor]:
+    """N(0, 1) images in the normalised input space (feed with `normalized=True`)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch_size, 3, *image_size, generator=g) for _ in range(n_batches)]
+
+
+def split_batches(images: torch.Tensor, batch_size: int, n_batches: int) -> list[torch.Tensor]:
+    """The first n_batches * batch_size images as batches; fails if there are not enough."""
+    if n_batches * batch_size > len(images):
+        raise ValueError(f"{n_batches} batches of {batch_size} need {n_batches * batch_size} images, "
+                         f"the distillation run made {len(images)}: raise its NUM_IMAGES")
+    return list(images[: n_batches * batch_size].float().split(batch_size))
+
+
+def load_distilled(run: runs.Run) -> dict[int, torch.Tensor]:
+    """{iteration: images} saved by `03_distill_calibration_data` (normalised input space)."""
+    return torch.load(run.path("distilled.pt"), weights_only=True)
+
+
+def first_layer_range(model: torch.nn.Module) -> float:
+    """Calibrated clipping value of the first conv's input quantizer (the distilled-pixel-range check)."""
+    name, quantizer = next(iter(quant.input_quantizers(model).items()))
+    return float(quantizer.hi)
+
+
+def quantized_map(model, batch, normalized: bool, val_set, setting: str, calibrator: str = "percentile",
+                  percentile: float = 99.99, symmetric: bool = True) -> dict:
+    """Quantize a copy of `model` to `setting`, calibrate it on one batch, and measure mAP on `val_set`."""
+    w_bits, a_bits = parse_setting(setting)
+    q = quant.quantize_model(model, w_bits, a_bits, calibrator, percentile, symmetric)
+    quant.calibrate(q, [batch], normalized=normalized, progress=False)
+    metrics = evaluate.evaluate_detector(q, val_set, progress=False)
+    return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"],
+            "per_class_AP": metrics["per_class_AP"], "first_layer_amax": first_layer_range(q)}
+
+
+def done_keys(rows: list[dict]) -> set[tuple]:
+    return {(r["setting"], r["iteration"], r["batch"]) for r in rows}
+
+
+def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bool, val_set, settings: list[str],
+             rows_path: Path, calibrator: str = "percentile", percentile: float = 99.99,
+             progress: bool | None = None) -> list[dict]:
+    """Evaluate every (setting, iteration, batch) not yet in `rows_path`, appending one row each.
+
+    `batches_by_iteration` maps a distillation iteration (None for real/noise sources) to its batches.
+    Returns all rows, old and new, in grid order.
+    """
+    for setting in settings:
+        parse_setting(setting)
+    quant.check_calibrator(calibrator, True, percentile)
+    rows = runs.read_jsonl(rows_path)
+    done = done_keys(rows)
+    grid = [(s, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
+    todo = [key for key in grid if key not in done]
+    kwargs = {} if progress is None else {"disable": not progress}
+    for setting, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
+        result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
+                               calibrator, percentile)
+        row = {"setting": setting, "iteration": iteration, "batch": b, **result}
+        runs.append_jsonl(rows_path, row)
+        rows.append(row)
+    by_key = {(r["setting"], r["iteration"], r["batch"]): r for r in rows}
+    return [by_key[key] for key in grid]
+
+
+def spread(rows: list[dict], by: tuple[str, ...] = ("setting",), value: str = "AP"):
+    """mean, std (ddof 1), min, max and count of `value` per group, as a DataFrame in first-seen order."""
+    import pandas as pd
+    frame = pd.DataFrame(rows)
+    keys = list(by)
+    table = frame.groupby(keys, sort=False, dropna=False)[value].agg(
+        mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, min="min", max="max", n="count")
+    return table.reset_index()
+
+
+def image_size(model) -> tuple[int, int]:
+    return distill.input_size(model)
+
+
+def distill_or_load(run: runs.Run, model, snapshot_at: list[int], **config) -> tuple[dict[int, torch.Tensor], dict]:
+    """Distill once per run and keep the result: images at every snapshot iteration (float16, in the
+    normalised input space, to halve the files; rounding moves a pixel by at most 0.05 % of its value)
+    and the loss curves averaged over images. A rerun of a finished run loads them instead."""
+    images_path, curves_path = run.path("distilled.pt"), run.path("loss_curves.json")
+    if images_path.exists() and curves_path.exists():
+        return load_distilled(run), json.loads(curves_path.read_text())
+    n = config["num_images"]
+    result = distill.distill(model, batch_size=n, snapshot_at=tuple(snapshot_at), snapshot_images=n, **config)
+    snapshots = {int(k): v.half() for k, v in sorted(result.snapshots.items())}
+    curves = {"iteration": list(range(result.loss.shape[1])), "loss": result.loss.mean(0).tolist(),
+              "mean_term": result.mean_loss.mean(0).tolist(), "std_term": result.std_loss.mean(0).tolist(),
+              "lr": result.lr[0].tolist(), "bn_layers": result.bn_layers, "config": result.config}
+    runs.atomic_write_json(curves_path, curves, digits=6)
+    runs.atomic_torch_save(images_path, snapshots)
+    return snapshots, curves
+
+
+def pixel_statistics(images: torch.Tensor, model) -> dict:
+    """How far normalised images stray from what a [0, 1] camera frame can produce, and how colourful they are.
+
+    out_of_range: share of values outside the per-channel normalised pixel range; absmax: the largest
+    |value| (what the first layer's activation quantizer must cover); channel_spread: mean absolute
+    difference between a pixel's channels in pixel units (0 for a gray image).
+    """
+    low, high = (b[None, :, None, None] for b in distill.pixel_range(model))
+    x = images.float()
+    outside = ((x < low) | (x > high)).float().mean()
+    pixels = distill.to_pixels(x, model)
+    spread_ = (pixels - pixels.mean(1, keepdim=True)).abs().mean()
+    return {"out_of_range": float(outside), "absmax": float(x.abs().max()), "channel_spread": float(spread_)}

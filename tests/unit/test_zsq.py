@@ -1,0 +1,90 @@
+"""helpers.zsq: calibration sources, bit-setting checks, the resumable evaluation grid, spread tables."""
+import pytest
+import torch
+
+from helpers import data, distill, models, runs, zsq
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def val_set(tiny_root):
+    return data.CocoDetectionSet(tiny_root, "flir", "val", data.FLIR_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160).eval()
+
+
+@pytest.mark.parametrize("bad", ["W9A8", "W8A1", "8/8", "W8", "w8a8", 8])
+def test_bad_bit_settings_fail_before_any_work(bad):
+    with pytest.raises(ValueError, match="bit"):
+        zsq.parse_setting(bad)
+
+
+def test_parse_setting():
+    assert zsq.parse_setting("W4A8") == (4, 8)
+
+
+def test_real_batches_are_consecutive_training_images(tiny_root):
+    train = data.CocoDetectionSet(tiny_root, "flir", "train", data.FLIR_CLASSES)
+    batches = zsq.real_batches(train, n_batches=2, batch_size=4)
+    assert [len(b) for b in batches] == [4, 4]
+    assert torch.equal(batches[1][0], train[4][0]) and torch.equal(batches[0][3], train[3][0])
+    with pytest.raises(ValueError, match="need 16 images"):
+        zsq.real_batches(train, n_batches=4, batch_size=4)
+
+
+def test_gaussian_batches_are_seeded_standard_normal():
+    a = zsq.gaussian_batches(3, 8, (32, 40), seed=1)
+    assert torch.equal(a[2], zsq.gaussian_batches(3, 8, (32, 40), seed=1)[2])
+    assert not torch.equal(a[0], zsq.gaussian_batches(3, 8, (32, 40), seed=2)[0])
+    x = torch.cat(a)
+    assert x.shape == (24, 3, 32, 40) and abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
+
+
+def test_split_batches_names_the_fix_when_too_few_images():
+    images = torch.zeros(20, 3, 4, 4, dtype=torch.float16)
+    out = zsq.split_batches(images, 8, 2)
+    assert len(out) == 2 and out[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="NUM_IMAGES"):
+        zsq.split_batches(images, 8, 3)
+
+
+def test_grid_rows_resume_and_keep_grid_order(detector, val_set, tmp_path):
+    batches = {None: zsq.gaussian_batches(2, 2, (128, 160), seed=0)}
+    path = tmp_path / "rows.jsonl"
+    first = zsq.run_grid(detector, {None: batches[None][:1]}, True, val_set, ["W8A8"], path)
+    assert len(first) == 1 and first[0]["batch"] == 0 and 0 <= first[0]["AP"] <= 1
+    assert first[0]["first_layer_amax"] > 0
+    rows = zsq.run_grid(detector, batches, True, val_set, ["W4A4", "W8A8"], path)
+    assert [(r["setting"], r["batch"]) for r in rows] == [("W4A4", 0), ("W4A4", 1), ("W8A8", 0), ("W8A8", 1)]
+    assert rows[2] == first[0]  # reused, not re-measured
+    assert len(runs.read_jsonl(path)) == 4
+    with pytest.raises(ValueError, match="bit"):
+        zsq.run_grid(detector, batches, True, val_set, ["W8A9"], path)
+
+
+def test_calibration_source_changes_the_first_layer_range(detector, val_set):
+    noise = zsq.gaussian_batches(1, 2, (128, 160), seed=0)[0]
+    wide = zsq.quantized_map(detector, noise * 4, True, val_set, "W8A8")
+    narrow = zsq.quantized_map(detector, noise, True, val_set, "W8A8")
+    assert wide["first_layer_amax"] == pytest.approx(4 * narrow["first_layer_amax"], rel=1e-3)
+
+
+def test_spread_table():
+    rows = [{"setting": "W8A8", "AP": v} for v in (0.3, 0.5)] + [{"setting": "W4A4", "AP": 0.1}]
+    table = zsq.spread(rows).set_index("setting")
+    assert table.loc["W8A8", "mean"] == pytest.approx(0.4) and table.loc["W8A8", "std"] == pytest.approx(0.1414, abs=1e-4)
+    assert table.loc["W4A4", "std"] == 0 and table.loc["W4A4", "n"] == 1 and list(table.index) == ["W8A8", "W4A4"]
+
+
+def test_pixel_statistics(detector):
+    low, high = (b[None, :, None, None] for b in distill.pixel_range(detector))
+    inside = (low + high).expand(2, 3, 8, 8) / 2
+    assert zsq.pixel_statistics(inside, detector)["out_of_range"] == 0
+    outside = high.expand(2, 3, 8, 8) + 1
+    stats = zsq.pixel_statistics(outside, detector)
+    assert stats["out_of_range"] == 1 and stats["absmax"] == pytest.approx(float(high.max()) + 1)
