@@ -10,7 +10,7 @@ BATCH ?= params/tiny.yaml
 export TQDM_MININTERVAL ?= 30
 export PYTHONHASHSEED := 0
 
-.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks
+.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -42,8 +42,16 @@ notebooks: reproduce
 		$(VENV)/bin/nbstripout --keep-output --keep-count "$$nb"; \
 	done
 
+# cost ratios measured side by side on this machine -> results/benchmarks/*.json (run on an idle CPU)
 benchmarks: install
 	$(PY) -m helpers.benchmarks
+	$(PY) -m helpers.benchmarks_zsq --threads 2 1
+	$(PY) -m helpers.benchmarks_dfmpc
 
+# the paper's tables and figures from the stored results of the batch (no training, seconds) -> results/figures/
+figures: install
+	$(PY) -m helpers.plots --batch $(basename $(notdir $(BATCH)))
+
+# committed results make `make reproduce` skip finished runs; this forgets them so everything is recomputed
 clean-results:
 	rm -rf results/[0-9]*_*/ results/manifest.json

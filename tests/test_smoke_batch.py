@@ -30,7 +30,7 @@ def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
             assert (folder / "model.pth").exists()
         elif run["notebook"] == "03_distill_calibration_data":
             assert metrics["bn_layers"] > 10 and set(metrics["pixel_statistics"]) == {str(k) for k in params["SNAPSHOT_AT"]}
-            assert (folder / "distilled.pt").exists()
+            assert (folder / "distilled.pt").exists() and (folder / "preview.npz").exists()
         elif run["notebook"] == "04_quantize_evaluate":
             rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
             sweep = len(params["SWEEP_ITERATIONS"]) * params["SWEEP_BATCHES"] if params["SOURCE"] == "distilled" else 0
