@@ -80,6 +80,12 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    """Replace a JSONL file atomically (e.g. to drop epochs a restarted training will log again)."""
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    return _atomic(Path(path), lambda fh: fh.write(text.encode()))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     rows = []
     if not Path(path).exists():

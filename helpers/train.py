@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from helpers.runs import append_jsonl, atomic_torch_save, read_jsonl
+from helpers.runs import append_jsonl, atomic_torch_save, read_jsonl, write_jsonl
 
 
 @dataclass
@@ -110,7 +110,10 @@ def fit(model: nn.Module, loader, schedule: Schedule, run_dir: str | Path, seed:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         start = ckpt["epoch"] + 1
-    log = [row for row in read_jsonl(log_path) if row["epoch"] < start]
+    logged = read_jsonl(log_path)
+    log = [row for row in logged if row["epoch"] < start]
+    if len(log) != len(logged):  # epochs after the checkpoint (or all, without one) are trained and logged again
+        write_jsonl(log_path, log)
     kwargs = {} if progress is None else {"disable": not progress}
     for epoch in tqdm(range(start, schedule.epochs), desc="training", initial=start, total=schedule.epochs, **kwargs):
         torch.manual_seed(seed * 100_003 + epoch)

@@ -37,9 +37,20 @@ def test_resumed_training_equals_uninterrupted(tiny_root, tmp_path, monkeypatch)
     resumed, loader2, _ = _setup(tiny_root, epochs=2)  # a fresh process
     log = train.fit(resumed, loader2, schedule, tmp_path / "resumed", seed=0)
     assert [r["epoch"] for r in log] == [0, 1]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "resumed" / "train_log.jsonl")] == [0, 1]
     for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         if a.is_floating_point():
             assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_log_without_checkpoint_is_replaced_not_appended(tiny_root, tmp_path):
+    """A clone has the committed train_log.jsonl but no checkpoint: training restarts and the log holds each epoch once."""
+    model, loader, schedule = _setup(tiny_root, epochs=1)
+    train.fit(model, loader, schedule, tmp_path, seed=0)
+    (tmp_path / "checkpoint.pth").unlink()
+    again, loader2, _ = _setup(tiny_root, epochs=1)
+    train.fit(again, loader2, schedule, tmp_path, seed=0)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [0]
 
 
 def test_finished_run_does_no_training(tiny_root, tmp_path):
