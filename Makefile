@@ -39,7 +39,7 @@ test: unit smoke nbval
 notebooks: reproduce
 	for nb in notebooks/[0-9]*.ipynb; do \
 		TQDM_DISABLE=1 $(VENV)/bin/papermill --cwd notebooks -k python3 --no-progress-bar "$$nb" "$$nb" || exit 1; \
-		$(VENV)/bin/nbstripout --keep-output --keep-count "$$nb"; \
+		$(VENV)/bin/nbstripout --keep-output --keep-count --extra-keys "metadata.papermill cell.metadata.papermill" "$$nb"; \
 	done
 
 # cost ratios measured side by side on this machine -> results/benchmarks/*.json (run on an idle CPU)

@@ -22,6 +22,7 @@ def sample_grid(dataset, n: int = 8, cols: int = 4, title: str = ""):
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    plt.close(fig)  # returned, not left open: the cell shows it once, whatever the backend (nbval, papermill)
     return fig
 
 
@@ -42,6 +43,7 @@ def training_curves(log: list[dict], title: str = ""):
     ax.legend(loc="upper right", frameon=False)
     ax.set_title(title)
     fig.tight_layout()
+    plt.close(fig)  # returned, not left open: the cell shows it once, whatever the backend (nbval, papermill)
     return fig
 
 
@@ -58,6 +60,7 @@ def distillation_curve(curves: dict, title: str = ""):
     ax.legend(frameon=False)
     ax.set_title(title)
     fig.tight_layout()
+    plt.close(fig)  # returned, not left open: the cell shows it once, whatever the backend (nbval, papermill)
     return fig
 
 
@@ -74,4 +77,5 @@ def distilled_grid(snapshots: dict, to_pixels, n: int = 4, title: str = ""):
         row[0].set_ylabel(f"iter {it}")
     fig.suptitle(title)
     fig.tight_layout()
+    plt.close(fig)  # returned, not left open: the cell shows it once, whatever the backend (nbval, papermill)
     return fig

@@ -123,7 +123,7 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     done = done_keys(rows)
     grid = [(s, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
     todo = [key for key in grid if key not in done]
-    kwargs = {} if progress is None else {"disable": not progress}
+    kwargs = {"disable": not todo} if progress is None else {"disable": not (progress and todo)}
     for setting, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
         result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
                                calibrator, percentile)
