@@ -1,0 +1,740 @@
+"""The paper's tables and figures, drawn only from stored results: `python -m helpers.plots [--batch tiny]`.
+
+Everything here reads `results/` through the manifest a batch writes (`results/manifest.json`,
+see `helpers.batch`): the comparison run of notebook 06 (its stored tables), the per-batch rows
+of the notebook 04 runs it compared, the loss curves and image previews of the notebook 03 runs,
+and the DF-MPC run of notebook 05 when the batch has one. Nothing is recomputed; the only
+arithmetic is arranging stored numbers (and mAP x 100, the paper's points, done where the rows are
+read, by `helpers.compare.collect_rows`).
+
+The paper's own numbers come from `params/paper_reference.yaml` and are always shown beside ours
+with both sides named: ours with the batch's profile (`tiny`: a small RetinaNet on synthetic data,
+on a CPU), the paper's as "paper (RetinaNet-R50-FPN, ...)", so that nobody takes a tiny-scale
+number for a paper-scale one.
+
+Layout: `load(batch)` gathers what a batch stored into a `Stored` bundle; one function per
+artifact turns it into a DataFrame (tables; `*_data` functions give the numbers behind a figure)
+or a matplotlib Figure; `save` / `save_table` write PNG + PDF / CSV + Markdown with stable bytes
+(no dates, no software versions), so regenerating unchanged results changes no file. `ARTIFACTS`
+lists every artifact by its file name, which follows the paper (`table1_map`, `fig3_ptq_vs_zsq`).
+Figures are plain `matplotlib.figure.Figure` objects, not pyplot figures: no global state, nothing
+to close, and a notebook shows one by displaying it (after `%matplotlib inline`).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from helpers import compare, runs
+
+PAPER_MODEL = "RetinaNet-R50-FPN"   # the paper's detector (section 4.1.2: torchvision RetinaNet v2, ResNet-50-FPN)
+SETTING = compare.PAPER_SETTING     # the paper's bit setting, W8A8
+STAGES = ("pretrain", "finetune")
+STAGE_LABEL = {"pretrain": "pretrained detector (RGB)", "finetune": "fine-tuned detector (thermal)"}
+FIG2_PANEL = {"pretrain": ("a", "c", "pretrained"), "finetune": ("b", "d", "finetuned")}
+SOURCE_ORDER = ("real", "distilled mean", "distilled mean+std", "distilled mean (unclamped)", "gaussian")
+SOURCE_LABEL = {"real": "real images\n(PTQ)", "distilled mean": "distilled, mean\n(ZSQ, paper's)",
+                "distilled mean+std": "distilled,\nmean+std", "distilled mean (unclamped)": "distilled, mean,\nunclamped",
+                "gaussian": "Gaussian\nnoise N(0, 1)"}
+LOSS_SOURCE = {"mean": "distilled mean", "mean+std": "distilled mean+std"}
+DFMPC_NOTEBOOK = "05_compensate_dfmpc"
+PNG_DPI = 200
+
+
+# --------------------------------------------------------------------------- one style
+def style_rc() -> dict:
+    """The one style of every figure: seaborn's white grid at paper size, colour-blind palette, embedded TrueType."""
+    import seaborn as sns
+    from cycler import cycler
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15)}
+    rc.update({"axes.prop_cycle": cycler(color=sns.color_palette("colorblind")), "font.family": "DejaVu Sans",
+               "pdf.fonttype": 42, "ps.fonttype": 42, "legend.frameon": False, "axes.titleweight": "bold",
+               "figure.titleweight": "bold", "figure.dpi": 100, "savefig.dpi": PNG_DPI, "image.interpolation": "nearest"})
+    return rc
+
+
+def source_colour(source: str):
+    import seaborn as sns
+    palette = sns.color_palette("colorblind")
+    return palette[SOURCE_ORDER.index(source) if source in SOURCE_ORDER else len(SOURCE_ORDER)]
+
+
+def styled(fn: Callable) -> Callable:
+    """Draw inside the one style (fonts and colours are fixed when an artist is created)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(style_rc()):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# --------------------------------------------------------------------------- stored results
+class MissingResults(LookupError):
+    """The batch has not stored what an artifact needs (the message says what and how to get it)."""
+
+
+@dataclass
+class Stored:
+    """What one batch stored, as the figures need it. mAP in points (x 100), as the paper prints it."""
+    batch: str
+    profile: str
+    comparison: dict | None = None                  # metrics.json of the 06 run: table1, spread, sweep, claims, runs
+    rows: pd.DataFrame | None = None                # every quantized evaluation of the compared 04 runs
+    distillations: list[dict] = field(default_factory=list)  # per 03 run: stage, loss, clamp, curves, preview, ...
+    detectors: dict = field(default_factory=dict)   # stage -> params of its 02 run
+    calibration: dict = field(default_factory=dict)  # run id -> params of the compared 04 runs
+    dfmpc: dict | None = None                       # metrics.json of the 05 run
+    missing: dict = field(default_factory=dict)     # what is absent and why: "comparison", "rows", "distillation", "dfmpc"
+
+    @property
+    def arch(self) -> str:
+        return ", ".join(sorted({str(p.get("ARCH", "?")) for p in self.detectors.values()})) or "detector unknown"
+
+    @property
+    def ours(self) -> str:
+        """How our side is named everywhere: the profile and the detector architecture."""
+        return f"ours: profile {self.profile}, {self.arch}"
+
+    def summary(self) -> str:
+        """One stable line per kind of stored input: what the figures are drawn from, and what is missing."""
+        lines = [f"batch {self.batch!r}, profile {self.profile}, detectors: {self.arch}",
+                 f"comparison (06): {'stored' if self.comparison else 'missing'}",
+                 f"quantized evaluations (04): {0 if self.rows is None else len(self.rows)} rows from {len(self.calibration)} runs",
+                 f"distillation runs (03): {len(self.distillations)}, with image previews: "
+                 f"{sum(bool(d['preview']) for d in self.distillations)}",
+                 f"DF-MPC (05): {'stored' if self.dfmpc else 'missing'}"]
+        return "\n".join(lines)
+
+    def need(self, what: str):
+        value = {"comparison": self.comparison, "rows": self.rows, "dfmpc": self.dfmpc,
+                 "distillation": self.distillations or None}[what]
+        if value is None:
+            raise MissingResults(self.missing.get(what, f"batch {self.batch!r} stored no {what}"))
+        return value
+
+
+def read_manifest(batch: str) -> list[dict]:
+    """The batch's manifest entries whose run stored its metrics.json.
+
+    A committed clone has the metrics but not the large artifacts (weights, distilled tensors), so
+    'stored' here means metrics.json exists, not `runs.is_finished` (which also wants the artifacts).
+    """
+    path = runs.results_dir() / "manifest.json"
+    if not path.exists():
+        raise MissingResults(f"no manifest at {path}: run a batch first (`make reproduce`) or check out the committed results")
+    batches = json.loads(path.read_text())["batches"]
+    if batch not in batches:
+        raise MissingResults(f"the manifest has no batch {batch!r}; it has {sorted(batches)}")
+    return [e for e in batches[batch] if (runs.results_dir() / e["path"] / "metrics.json").exists()]
+
+
+def _run(entry: dict) -> runs.Run:
+    return runs.Run(entry["notebook"], entry["params"], runs.results_dir() / entry["path"])
+
+
+def _newest(entries: list[dict], notebook: str) -> runs.Run | None:
+    found = [e for e in entries if e["notebook"] == notebook]
+    return _run(found[-1]) if found else None
+
+
+def _preview(path: Path) -> dict[int, np.ndarray]:
+    if not path.exists():
+        return {}
+    with np.load(path) as archive:
+        return {int(k.split("_")[1]): archive[k] for k in sorted(archive.files, key=lambda k: int(k.split("_")[1]))}
+
+
+def load(batch: str = "tiny", profile: str | None = None) -> Stored:
+    """Gather everything a batch stored that the figures need; absent parts are recorded in `missing`.
+
+    `profile`, when given, must be the profile the batch's runs were made with (so no figure labels
+    a tiny-scale result as another profile's).
+    """
+    entries = read_manifest(batch)
+    profiles = sorted({str(e["params"]["PROFILE"]) for e in entries if "PROFILE" in e["params"]})
+    if profile is not None and profiles != [profile]:
+        raise ValueError(f"batch {batch!r} was run with profile(s) {profiles}, not {profile!r}")
+    stored = Stored(batch, "+".join(profiles) or "unknown")
+    stored.detectors = {e["params"]["STAGE"]: e["params"] for e in entries if e["notebook"] == "02_train_detector"}
+    comparison = _newest(entries, "06_compare_calibration")
+    if comparison is None:
+        stored.missing["comparison"] = f"batch {batch!r} has no stored 06_compare_calibration run"
+    else:
+        stored.comparison = comparison.metrics()
+    calibration = [_run(e) for e in entries if e["notebook"] == "04_quantize_evaluate"]
+    if stored.comparison:  # exactly the runs the comparison compared, so figures and tables agree
+        compared = set(stored.comparison.get("runs", {}).values())
+        calibration = [r for r in calibration if r.id in compared]
+    if calibration:
+        stored.rows = compare.collect_rows(calibration)
+        stored.calibration = {r.id: r.params for r in calibration}
+    else:
+        stored.missing["rows"] = f"batch {batch!r} has no stored 04_quantize_evaluate run"
+    for entry in entries:
+        if entry["notebook"] != "03_distill_calibration_data":
+            continue
+        run = _run(entry)
+        curves = run.path("loss_curves.json")
+        stored.distillations.append({
+            "run_id": run.id, "stage": run.params["STAGE"], "loss": run.params["LOSS"], "clamp": run.params["CLAMP"],
+            "curves": json.loads(curves.read_text()) if curves.exists() else None,
+            "preview": _preview(run.path("preview.npz")),
+            "pixel_statistics": run.metrics().get("pixel_statistics", {})})
+    if not stored.distillations:
+        stored.missing["distillation"] = f"batch {batch!r} has no stored 03_distill_calibration_data run"
+    dfmpc = _newest(entries, DFMPC_NOTEBOOK)
+    if dfmpc is None:
+        stored.missing["dfmpc"] = (f"batch {batch!r} has no stored {DFMPC_NOTEBOOK} run "
+                                   f"(add the notebook to the batch file and run the batch)")
+    else:
+        stored.dfmpc = dfmpc.metrics()
+    return stored
+
+
+def paper() -> dict:
+    return compare.paper_reference()
+
+
+def _paper_name(stage: str) -> str:
+    return f"paper ({PAPER_MODEL}, {paper()['table1'][stage]['dataset']})"
+
+
+# --------------------------------------------------------------------------- tables
+def _evaluation_data(stored: Stored, stage: str) -> str:
+    params = stored.detectors.get(stage, {})
+    return f"{params.get('DATASET', '?')} val ({params.get('DATA_ROOT', '?')})"
+
+
+def table1(stored: Stored) -> pd.DataFrame:
+    """Table 1: FP32 and W8A8 zero-shot mAP and model size of both detectors, ours beside the paper's.
+
+    Our values are notebook 06's stored `table1` (W8-A8: mean over calibration batches of distilled
+    images, mean-only loss); the paper's come from `params/paper_reference.yaml`.
+    """
+    rows = stored.need("comparison").get("table1") or []
+    if not rows:
+        raise MissingResults("the comparison run stored an empty Table 1 (no detector had both FP32 and W8A8 rows)")
+    p, ref = stored.profile, paper()["table1"]
+    out = pd.DataFrame([{
+        "model": f"{'pretrained' if r['model'] == 'pretrain' else 'fine-tuned'} RetinaNet",
+        f"evaluation data ({p})": _evaluation_data(stored, r["model"]),
+        "evaluation data (paper)": ref[r["model"]]["dataset"],
+        "precision": r["precision"],
+        f"mAP ({p})": r["mAP"], f"mAP std over batches ({p})": r.get("mAP_std"),
+        f"mAP min over batches ({p})": r.get("mAP_min"), f"calibration batches ({p})": r.get("batches"),
+        f"size MiB ({p})": r["size_MiB"],
+        "mAP (paper, reported)": r["paper_mAP"], "size MB (paper, reported)": r["paper_size_MB"]} for r in rows])
+    batches = f"calibration batches ({p})"
+    out[batches] = out[batches].astype("Int64")
+    return out
+
+
+def table_sources_bits(stored: Stored) -> pd.DataFrame:
+    """Every calibration source at every bit setting and detector: mAP mean, std, min, max over batches (notebook 06's `spread`)."""
+    spread = pd.DataFrame(stored.need("comparison").get("spread") or [])
+    if spread.empty:
+        raise MissingResults("the comparison run stored no spread table")
+    spread = spread[["stage", "source", "setting", "mean", "std", "min", "max", "count"]]
+    return spread.rename(columns={c: f"mAP {c} ({stored.profile})" for c in ("mean", "std", "min", "max")}
+                         | {"count": "batches"})
+
+
+def table_claims(stored: Stored) -> pd.DataFrame:
+    """The paper's claims, its number, ours and whether the claim holds by the stated rule (notebook 06's `claims`)."""
+    claims = pd.DataFrame(stored.need("comparison").get("claims") or [])
+    if claims.empty:
+        raise MissingResults("the comparison run stored no claims")
+    return claims
+
+
+def dfmpc_table(stored: Stored) -> pd.DataFrame:
+    """DF-MPC results of notebook 05: its classifier and detector rows as stored, labelled by part."""
+    metrics = stored.need("dfmpc")
+    frames = []
+    for part in ("classifier", "detector"):
+        rows = (metrics.get(part) or {}).get("rows") or []
+        if rows:
+            frames.append(pd.DataFrame(rows).assign(part=part))
+    if not frames:
+        raise MissingResults(f"the {DFMPC_NOTEBOOK} run stored no classifier or detector rows")
+    table = pd.concat(frames, ignore_index=True)
+    return table[["part"] + [c for c in table.columns if c != "part"]]
+
+
+def dfmpc_ablation_data(stored: Stored, which: str = "lambda1") -> pd.DataFrame:
+    """The stored lambda ablation of notebook 05: one row per lambda value."""
+    rows = (stored.need("dfmpc").get("ablation") or {}).get(which) or []
+    if not rows:
+        raise MissingResults(f"the {DFMPC_NOTEBOOK} run stored no {which} ablation")
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- Fig. 2a/2b
+def fig2_sweep_data(stored: Stored, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fig. 2a/2b data: (per-batch W8A8 mAP of distilled calibration at each distillation iteration,
+    stored mean/std/count per iteration), for the mean-only and mean+std losses (clamped images)."""
+    rows = stored.need("rows")
+    sources = list(LOSS_SOURCE.values())
+    points = rows[(rows["stage"] == stage) & (rows["setting"] == SETTING) & rows["source"].isin(sources)
+                  & rows["iteration"].notna()]
+    points = points[["source", "iteration", "batch", "mAP"]].astype({"iteration": int}).sort_values(
+        ["source", "iteration", "batch"]).reset_index(drop=True)
+    sweep = pd.DataFrame(stored.need("comparison").get("sweep") or [], columns=["stage", "source", "iteration", "mean", "std", "count"])
+    sweep = sweep[(sweep["stage"] == stage) & sweep["source"].isin(sources)].drop(columns="stage")
+    if points.empty or sweep.empty:
+        raise MissingResults(f"no iteration sweep of the {stage} detector at {SETTING} was stored "
+                             "(a distilled 04 run of that stage with SWEEP_ITERATIONS)")
+    return points, sweep.astype({"iteration": int}).sort_values(["source", "iteration"]).reset_index(drop=True)
+
+
+def _spread_value(stored: Stored, stage: str, source: str, column: str = "mean", setting: str = SETTING):
+    for r in (stored.comparison or {}).get("spread") or []:
+        if (r["stage"], r["source"], r["setting"]) == (stage, source, setting):
+            return r[column]
+    return None
+
+
+def _fp32(stored: Stored, stage: str):
+    for r in (stored.comparison or {}).get("table1") or []:
+        if r["model"] == stage and r["precision"] == "W32-A32":
+            return r["mAP"]
+    return None
+
+
+def _paper_note(fig, text: str) -> None:
+    """The paper's numbers under the figure, boxed and named (a figure-level label, so the layout makes room for it)."""
+    fig.supxlabel(text, x=0.01, ha="left", fontsize="small", color="0.25", linespacing=1.4,
+                  bbox={"boxstyle": "round,pad=0.4", "facecolor": "0.95", "edgecolor": "0.75"})
+
+
+def _legend(fig, ax) -> None:
+    """Legend to the right of the axes (constrained layout makes room for it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0)
+
+
+@styled
+def fig2_map_vs_iterations(stored: Stored, stage: str):
+    """Fig. 2a (pretrained) / 2b (fine-tuned): W8A8 mAP against distillation iterations, mean-only vs mean+std loss.
+
+    Dots are single calibration batches (slightly offset per loss so they do not hide each other),
+    lines the stored means with a +-1 std band; horizontal lines give FP32, PTQ (real images) and
+    Gaussian-noise calibration of the same detector where stored.
+    """
+    points, sweep = fig2_sweep_data(stored, stage)
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    span = max(points["iteration"].max(), 1)
+    for k, source in enumerate(s for s in LOSS_SOURCE.values() if s in set(sweep["source"])):
+        colour, loss = source_colour(source), source.split(" ", 1)[1]
+        line = sweep[sweep["source"] == source]
+        std = line["std"].fillna(0.0)
+        ax.fill_between(line["iteration"], line["mean"] - std, line["mean"] + std, color=colour, alpha=0.15, lw=0)
+        ax.plot(line["iteration"], line["mean"], "o-", color=colour, lw=2, ms=5, label=f"{loss} loss: mean over batches")
+        dots = points[points["source"] == source]
+        ax.scatter(dots["iteration"] + (k - 0.5) * 0.012 * span, dots["mAP"], s=14, color=colour, alpha=0.6,
+                   edgecolor="none", label=f"{loss} loss: one calibration batch")
+    references = [("FP32 (no quantization)", _fp32(stored, stage), "0.2", "-"),
+                  (f"{SETTING}, real images (PTQ)", _spread_value(stored, stage, "real"), source_colour("real"), "--"),
+                  (f"{SETTING}, Gaussian noise", _spread_value(stored, stage, "gaussian"), source_colour("gaussian"), ":")]
+    for label, value, colour, style in references:
+        if value is not None:
+            ax.axhline(value, color=colour, ls=style, lw=1.3, label=f"{label}: {value:.2f}")
+    ax.set_xlabel("distillation iterations")
+    ax.set_ylabel(f"{SETTING} mAP@[.5:.95] (points)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Fig. 2{FIG2_PANEL[stage][0]}: {STAGE_LABEL[stage]}, {SETTING} mAP vs distillation iterations\n"
+                 f"[{stored.ours}]", fontsize="medium")
+    _legend(fig, ax)
+    ref = paper()
+    _paper_note(fig, f"{_paper_name(stage)}, reported: FP32 {ref['table1'][stage]['fp32_map']}, {SETTING} zero-shot "
+                     f"(mean loss) {ref['table1'][stage]['w8a8_map']}, Gaussian noise {ref['gaussian_w8a8_map'][stage]} mAP;\n"
+                     f"{'mean-only' if ref['mean_only_better'] else 'mean+std'} loss gives the better quantized mAP "
+                     f"(curve values not reported).")
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 2c/2d
+def fig2_loss_data(stored: Stored, stage: str) -> pd.DataFrame:
+    """Fig. 2c/2d data: the stored distillation loss per iteration (mean over images) of each loss kind (clamped runs)."""
+    frames = []
+    for d in stored.need("distillation"):
+        if d["stage"] == stage and d["clamp"] and d["curves"] is not None:
+            c = d["curves"]
+            frames.append(pd.DataFrame({"loss_kind": d["loss"], "iteration": c["iteration"], "loss": c["loss"],
+                                        "mean_term": c["mean_term"], "std_term": c["std_term"], "lr": c["lr"]}))
+    if not frames:
+        raise MissingResults(f"no loss curves of the {stage} detector were stored (03 runs with CLAMP true)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def fig2_loss_summary(stored: Stored, stage: str) -> pd.DataFrame:
+    """The stored loss at the first and the last iteration of each loss kind (what Fig. 2c/2d start and end at)."""
+    data = fig2_loss_data(stored, stage)
+    ends = data.groupby("loss_kind", sort=False).agg(iterations=("iteration", "size"), first_loss=("loss", "first"),
+                                                     last_loss=("loss", "last"), last_mean_term=("mean_term", "last"))
+    return ends.reset_index()
+
+
+@styled
+def fig2_loss(stored: Stored, stage: str):
+    """Fig. 2c (pretrained) / 2d (fine-tuned): distillation loss against iterations, log scale.
+
+    Solid: the loss each run optimised; dashed: the mean term alone of the mean+std run (the part
+    comparable with the mean-only loss); dotted verticals: where mean+std divides its lr by 5.
+    """
+    data = fig2_loss_data(stored, stage)
+    fig = Figure(figsize=(7.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for loss_kind in ("mean", "mean+std"):
+        curve = data[data["loss_kind"] == loss_kind]
+        if curve.empty:
+            continue
+        colour = source_colour(LOSS_SOURCE[loss_kind])
+        ax.plot(curve["iteration"], curve["loss"], color=colour, lw=2, label=f"{loss_kind} loss (optimised)")
+        if loss_kind == "mean+std":
+            ax.plot(curve["iteration"], curve["mean_term"], "--", color=colour, lw=1.5, label="mean+std run: its mean term")
+            drops = curve["iteration"].to_numpy()[1:][np.diff(curve["lr"].to_numpy()) < 0]
+            for k, step in enumerate(drops):
+                ax.axvline(step, color="0.5", ls=":", lw=1, label="mean+std run: lr lowered" if k == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation iterations")
+    ax.set_ylabel("BN-statistics loss (log scale)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Fig. 2{FIG2_PANEL[stage][1]}: {STAGE_LABEL[stage]}, loss during distillation (mean over images)\n"
+                 f"[{stored.ours}]", fontsize="medium")
+    _legend(fig, ax)
+    milestones = " and ".join(map(str, paper()["distillation"]["mean_std_lr_milestones"]))
+    _paper_note(fig, f"{_paper_name(stage)}: loss curves drawn in its Fig. 2{FIG2_PANEL[stage][1]}, values not reported;\n"
+                     f"its mean+std runs divide the lr by 5 at iterations {milestones}.")
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 3
+def fig3_data(stored: Stored, stage: str = "finetune") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fig. 3 data: (W8A8 mAP of every calibration batch per source, final images only; the stored
+    mean/std/min/max/count per source), sources in a fixed order, PTQ (real) and ZSQ (distilled mean) first."""
+    rows = stored.need("rows")
+    points = rows[(rows["stage"] == stage) & (rows["setting"] == SETTING) & rows["final"]]
+    order = [s for s in SOURCE_ORDER if s in set(points["source"])] + sorted(set(points["source"]) - set(SOURCE_ORDER))
+    if not order:
+        raise MissingResults(f"no {SETTING} rows of the {stage} detector were stored")
+    points = points.assign(source=pd.Categorical(points["source"], order, ordered=True))
+    points = points[["source", "batch", "mAP"]].sort_values(["source", "batch"]).reset_index(drop=True)
+    points["source"] = points["source"].astype(str)
+    stats = pd.DataFrame(stored.need("comparison").get("spread") or [])
+    stats = stats[(stats["stage"] == stage) & (stats["setting"] == SETTING)].set_index("source").loc[order].reset_index()
+    return points, stats[["source", "mean", "std", "min", "max", "count"]]
+
+
+@styled
+def fig3_ptq_vs_zsq(stored: Stored, stage: str = "finetune"):
+    """Fig. 3: W8A8 mAP of each calibration batch, real training images (PTQ) vs distilled images (ZSQ), with the other sources.
+
+    Box: quartiles over batches; dots: single batches (spread sideways by rank, no random jitter);
+    white diamond: the stored mean; under each source its stored mean, min, std and batch count.
+    """
+    points, stats = fig3_data(stored, stage)
+    order = list(stats["source"])
+    fig = Figure(figsize=(max(5.0, 1.35 * len(order) + 2.6), 4.6), layout="constrained")
+    ax = fig.subplots()
+    values = [points.loc[points["source"] == s, "mAP"].to_numpy() for s in order]
+    boxes = ax.boxplot(values, positions=range(len(order)), widths=0.5, patch_artist=True, showfliers=False,
+                       medianprops={"color": "0.15"}, whiskerprops={"color": "0.4"}, capprops={"color": "0.4"})
+    for patch, source in zip(boxes["boxes"], order):
+        patch.set(facecolor=(*source_colour(source), 0.25), edgecolor=source_colour(source))
+    for i, (source, v) in enumerate(zip(order, values)):
+        rank = np.argsort(np.argsort(v, kind="stable"), kind="stable")
+        offsets = (rank / max(len(v) - 1, 1) - 0.5) * 0.3 if len(v) > 1 else np.zeros(len(v))
+        ax.scatter(i + offsets, v, s=18, color=source_colour(source), edgecolor="white", linewidth=0.4, zorder=3)
+    ax.scatter(range(len(order)), stats["mean"], marker="D", s=40, color="white", edgecolor="0.1", zorder=4,
+               label="mean over batches")
+    ax.plot([], [], "o", ms=4.5, color="0.45", label="one calibration batch")
+    labels = [f"{SOURCE_LABEL.get(r['source'], r['source'])}\n\nmean {r['mean']:.2f}\nmin {r['min']:.2f}\n"
+              f"std {r['std']:.2f}\nn = {int(r['count'])}" for _, r in stats.iterrows()]
+    ax.set_xticks(range(len(order)), labels, fontsize="small")
+    ax.set_xlim(-0.6, len(order) - 0.4)
+    sizes = sorted({p.get("CALIB_BATCH") for p in stored.calibration.values()} - {None})
+    ax.set_xlabel(f"calibration data: batches of {'/'.join(map(str, sizes)) or '?'} images, each calibrated and evaluated on its own")
+    ax.set_ylabel(f"{SETTING} mAP@[.5:.95] (points)")
+    fig.suptitle(f"Fig. 3: {STAGE_LABEL[stage]}, {SETTING}, PTQ vs zero-shot calibration per batch\n[{stored.ours}]",
+                 fontsize="medium")
+    _legend(fig, ax)
+    ref = paper()["fig3"]
+    _paper_note(fig, f"{_paper_name(stage)}, reported: PTQ (batches of {ref['batch']} consecutive training images) mean {ref['ptq_mean']}, min {ref['ptq_min']};\nZSQ ({ref['distilled_images']} distilled "
+                     f"images, {ref['distilled_images'] // ref['batch']} batches) mean {ref['zsq_mean']}; "
+                     f"ZSQ spread smaller than PTQ's: {ref['zsq_spread_smaller']}.")
+    return fig
+
+
+# --------------------------------------------------------------------------- Fig. 4
+def fig4_data(stored: Stored, loss: str = "mean") -> dict[str, dict]:
+    """Fig. 4 data per stage (mean-only loss, clamped): {"images": {iteration: uint8 (n, H, W, 3)}, "channel_spread": {iteration: value}}."""
+    out = {}
+    for d in stored.need("distillation"):
+        if d["loss"] == loss and d["clamp"] and d["preview"]:
+            out[d["stage"]] = {"images": d["preview"],
+                               "channel_spread": {int(k): v["channel_spread"] for k, v in d["pixel_statistics"].items()}}
+    if not out:
+        raise MissingResults("no distilled-image previews (preview.npz of 03 runs with CLAMP true) were stored")
+    return {s: out[s] for s in STAGES if s in out}
+
+
+def fig4_summary(stored: Stored, loss: str = "mean") -> pd.DataFrame:
+    """Channel spread of the distilled images (03 runs' metrics) per stage (rows) and snapshot iteration (columns)."""
+    data = fig4_data(stored, loss)
+    return pd.DataFrame({stage: d["channel_spread"] for stage, d in data.items()}).T.rename_axis("stage")
+
+
+@styled
+def fig4_distilled_images(stored: Stored, loss: str = "mean"):
+    """Fig. 4: the first distilled images of each detector at several iterations (rows), side by side (a) pretrained, (b) fine-tuned.
+
+    The channel spread (mean |pixel - its gray value|, 0 for a gray image; from the 03 run's
+    metrics) is printed per row: the paper finds the fine-tuned model's images close to gray.
+    """
+    data = fig4_data(stored, loss)
+    iterations = sorted({it for d in data.values() for it in d["images"]})
+    n = max(d["images"][it].shape[0] for d in data.values() for it in d["images"])
+    h, w = next(iter(next(iter(data.values()))["images"].values())).shape[1:3]
+    cell = 1.05
+    fig = Figure(figsize=(len(data) * (n * cell * w / h + 0.5) + 0.3, len(iterations) * cell + 1.5), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(1, len(data), wspace=0.03))
+    for sub, (stage, d) in zip(subfigs, data.items()):
+        axes = sub.subplots(len(iterations), n, squeeze=False)
+        for row, it in zip(axes, iterations):
+            images = d["images"].get(it)
+            for j, ax in enumerate(row):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if images is not None and j < len(images):
+                    ax.imshow(images[j])
+                else:
+                    ax.set_axis_off()
+            spread = d["channel_spread"].get(it)
+            row[0].set_ylabel(f"iter {it}" + ("" if spread is None else f"\nspread {spread:.3f}"), fontsize="small")
+        sub.suptitle(f"({'ab'[STAGES.index(stage)]}) {STAGE_LABEL[stage]}", fontsize="medium")
+    fig.suptitle(f"Fig. 4: distilled images ({loss} loss), the first {n} at several iterations\n[{stored.ours}]",
+                 fontsize="medium")
+    gray = "close to gray" if paper()["finetune_images_gray"] else "coloured"
+    _paper_note(fig, f"Row labels: distillation iteration and channel spread (mean |pixel - its gray value|, 0 for gray).\n"
+                     f"paper ({PAPER_MODEL}): the fine-tuned (thermal) model's distilled images are {gray}, the pretrained model's coloured.")
+    return fig
+
+
+# --------------------------------------------------------------------------- extra: bit settings
+def fig_sources_bits_data(stored: Stored, stage: str = "finetune") -> pd.DataFrame:
+    """Stored mean/std/count of mAP per source and bit setting for one detector (final images)."""
+    spread = pd.DataFrame(stored.need("comparison").get("spread") or [])
+    part = spread[spread["stage"] == stage] if not spread.empty else spread
+    if part.empty or part["setting"].nunique() < 2:
+        raise MissingResults(f"fewer than two bit settings of the {stage} detector were stored")
+    return part[["source", "setting", "mean", "std", "min", "max", "count"]].reset_index(drop=True)
+
+
+@styled
+def fig_sources_bits(stored: Stored, stage: str = "finetune"):
+    """Beyond the paper: mAP of every calibration source at every bit setting (mean +- std over batches),
+    to show where (at which bit width) the sources separate."""
+    data = fig_sources_bits_data(stored, stage)
+    settings = list(dict.fromkeys(data["setting"]))
+    sources = [s for s in SOURCE_ORDER if s in set(data["source"])] + sorted(set(data["source"]) - set(SOURCE_ORDER))
+    fig = Figure(figsize=(7.0, 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(sources)
+    for k, source in enumerate(sources):
+        part = data[data["source"] == source].set_index("setting")
+        xs = [settings.index(s) + (k - (len(sources) - 1) / 2) * width for s in part.index]
+        ax.errorbar(xs, part["mean"], yerr=part["std"], fmt="o", ms=5, capsize=3, color=source_colour(source),
+                    label=SOURCE_LABEL.get(source, source).replace("\n", " "))
+    fp32 = _fp32(stored, stage)
+    if fp32 is not None:
+        ax.axhline(fp32, color="0.2", lw=1.2, label=f"FP32: {fp32:.2f}")
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_xlabel("bit setting (W: weight bits, A: activation bits)")
+    ax.set_ylabel("mAP@[.5:.95] (points)")
+    fig.suptitle(f"Calibration sources at each bit setting, {STAGE_LABEL[stage]}\n[{stored.ours}]", fontsize="medium")
+    _legend(fig, ax)
+    _paper_note(fig, f"Not in the paper, which reports {SETTING} only. Dots: mean over calibration batches; bars: $\\pm$ 1 std.")
+    return fig
+
+
+# --------------------------------------------------------------------------- DF-MPC ablation
+@styled
+def fig_dfmpc_lambda(stored: Stored, which: str = "lambda1"):
+    """DF-MPC ablation: the stored metric(s) against lambda1 or lambda2 (notebook 05)."""
+    data = dfmpc_ablation_data(stored, which)
+    x = which if which in data.columns else next((c for c in data.columns if "lambda" in c.lower()), data.columns[0])
+    groups = [c for c in data.columns if c != x and data[c].dtype == object]
+    metrics = [c for c in data.select_dtypes("number").columns if c != x and "lambda" not in c.lower()]
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for metric in metrics:
+        parts = data.groupby(groups, sort=False) if groups else [((), data)]
+        for key, part in parts:
+            key = key if isinstance(key, tuple) else (key,)
+            label = ", ".join([metric, *map(str, key)])
+            part = part.sort_values(x)
+            ax.plot(part[x], part[metric], "o-", ms=4, label=label)
+    ax.set_xlabel(f"$\\lambda_{which[-1]}$" if which[-1].isdigit() else which)
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "metric")
+    fig.suptitle(f"DF-MPC ablation of {which}\n[{stored.ours}]", fontsize="medium")
+    if ax.get_legend_handles_labels()[0]:
+        _legend(fig, ax)
+    return fig
+
+
+# --------------------------------------------------------------------------- writing
+def output_dir(path: str | Path = "results/figures") -> Path:
+    """Where figures go. A relative path starting with 'results' lands in the results directory
+    (which `IRZSQ_RESULTS_DIR` redirects); other relative paths are relative to the project root."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    if path.parts and path.parts[0] == "results":
+        return runs.results_dir().joinpath(*path.parts[1:])
+    return runs.ROOT / path
+
+
+def display_path(path: Path) -> str:
+    """A path as a notebook may print it: relative to the project root, or to the results directory's parent."""
+    for base in (runs.ROOT, runs.results_dir().parent):
+        try:
+            return str(Path(path).relative_to(base))
+        except ValueError:
+            continue
+    return Path(path).name
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    """Atomic write that leaves an unchanged file untouched (same bytes: same mtime, no git noise)."""
+    if path.exists() and path.read_bytes() == data:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain write would
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(fig, name: str, out_dir: str | Path = "results/figures") -> list[Path]:
+    """Write `name`.png and `name`.pdf with stable metadata (no dates, no versions): same figure, same bytes."""
+    out = output_dir(out_dir)
+    written = []
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None, "Producer": None,
+                                                    "Creator": "irzsq helpers.plots"}}
+    with matplotlib.rc_context(style_rc()):
+        for fmt in ("png", "pdf"):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata[fmt])
+            written.append(_write_bytes(out / f"{name}.{fmt}", buffer.getvalue()))
+    return written
+
+
+def markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    """A GitHub Markdown table (floats rounded to `digits`, missing values blank)."""
+    def cell(v):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "|".join("---" for _ in table.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def save_table(table: pd.DataFrame, name: str, out_dir: str | Path = "results/figures", caption: str = "") -> list[Path]:
+    """Write `name`.csv (values as stored) and `name`.md (caption, then the table rounded for reading)."""
+    out = output_dir(out_dir)
+    csv = table.to_csv(index=False, lineterminator="\n")
+    md = (f"{caption}\n\n" if caption else "") + markdown(table)
+    return [_write_bytes(out / f"{name}.csv", csv.encode()), _write_bytes(out / f"{name}.md", md.encode())]
+
+
+# --------------------------------------------------------------------------- every artifact
+def _caption(title: str, stored: Stored) -> str:
+    return (f"**{title}** Ours: profile {stored.profile} ({stored.arch}), batch `{stored.batch}`; mAP in points (COCO mAP@[.5:.95] x 100). "
+            f"Paper columns: {PAPER_MODEL} as reported (`params/paper_reference.yaml`).")
+
+
+ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
+    # name: (kind, builder, caption for tables)
+    "table1_map": ("table", table1, "Table 1: FP32 vs W8A8 zero-shot quantization, both detectors."),
+    "table_sources_bits": ("table", table_sources_bits, "Every calibration source at every bit setting."),
+    "table_claims": ("table", table_claims, "The paper's claims and ours."),
+    "fig2a_map_vs_iterations_pretrained": ("figure", lambda s: fig2_map_vs_iterations(s, "pretrain"), ""),
+    "fig2b_map_vs_iterations_finetuned": ("figure", lambda s: fig2_map_vs_iterations(s, "finetune"), ""),
+    "fig2c_loss_pretrained": ("figure", lambda s: fig2_loss(s, "pretrain"), ""),
+    "fig2d_loss_finetuned": ("figure", lambda s: fig2_loss(s, "finetune"), ""),
+    "fig3_ptq_vs_zsq": ("figure", fig3_ptq_vs_zsq, ""),
+    "fig4_distilled_images": ("figure", fig4_distilled_images, ""),
+    "fig_sources_bits": ("figure", fig_sources_bits, ""),
+    "dfmpc_table": ("table", dfmpc_table, "DF-MPC (notebook 05): classifier and detector."),
+    "fig_dfmpc_lambda1": ("figure", lambda s: fig_dfmpc_lambda(s, "lambda1"), ""),
+    "fig_dfmpc_lambda2": ("figure", lambda s: fig_dfmpc_lambda(s, "lambda2"), ""),
+}
+
+
+def make(name: str, stored: Stored, out_dir: str | Path = "results/figures"):
+    """Build artifact `name` from the stored results and write its files; returns (DataFrame or Figure, written paths).
+
+    Raises MissingResults when the batch did not store what it needs.
+    """
+    kind, build, caption = ARTIFACTS[name]
+    obj = build(stored)
+    if kind == "table":
+        return obj, save_table(obj, name, out_dir, _caption(caption, stored))
+    return obj, save(obj, name, out_dir)
+
+
+def make_all(stored: Stored, out_dir: str | Path = "results/figures") -> dict[str, list[Path] | str]:
+    """Every artifact the batch has results for: name -> written paths, or the reason it was skipped."""
+    report = {}
+    for name in ARTIFACTS:
+        try:
+            report[name] = make(name, stored, out_dir)[1]
+        except MissingResults as why:
+            report[name] = f"skipped: {why}"
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="tiny", help="manifest batch name (default: tiny)")
+    parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
+    args = parser.parse_args(argv)
+    try:
+        stored = load(args.batch)
+    except MissingResults as err:
+        print(f"figures: {err}", file=sys.stderr)
+        return 1
+    report = make_all(stored, args.out)
+    for name, result in report.items():
+        print(f"{name}: {result}" if isinstance(result, str) else f"{name}: {', '.join(display_path(p) for p in result)}")
+    return 0 if any(not isinstance(r, str) for r in report.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The data behind every figure and table equals what the runs stored (figures are checked by their data, not pixels).
+
+A small results tree is written the way the notebooks write it (manifest, 03 curves and previews,
+04 rows, 06 tables made by `helpers.compare` from those rows), then each artifact is drawn from it.
+"""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import compare, plots, runs
+
+ITERATIONS = 6                      # distillation iterations; snapshots at 0, 3, 6
+SNAPSHOTS = (0, 3, 6)
+SWEEP = (0, 3)
+FINAL_BATCHES = {"finetune": 4, "pretrain": 2}
+SIZE = {"fp32_mib": 50.0, "int_mib": 12.6, "ratio": 3.97}
+FP32_AP = {"finetune": 0.25, "pretrain": 0.2}
+
+
+def _write_run(notebook: str, params: dict, metrics: dict, files: dict | None = None) -> dict:
+    folder = runs.results_dir() / notebook / runs.run_id(params)
+    runs.atomic_write_json(folder / "params.json", {"notebook": notebook, "params": params})
+    for name, write in (files or {}).items():
+        write(folder / name)
+    runs.atomic_write_json(folder / "metrics.json", metrics, digits=5)
+    return {"notebook": notebook, "run_id": folder.name, "params": params, "finished": True,
+            "path": f"{notebook}/{folder.name}"}
+
+
+def _distillation(stage: str, loss: str, clamp: bool, rng) -> dict:
+    params = {"PROFILE": "tiny", "SEED": 0, "STAGE": stage, "LOSS": loss, "CLAMP": clamp, "ITERATIONS": ITERATIONS}
+    mean_term = list(np.round(100 * 0.5 ** np.arange(ITERATIONS), 6))
+    std_term = list(np.round(50 * 0.6 ** np.arange(ITERATIONS), 6)) if loss == "mean+std" else [0.0] * ITERATIONS
+    lr = [0.1, 0.1, 0.02, 0.02, 0.02, 0.004] if loss == "mean+std" else [0.1] * ITERATIONS
+    curves = {"iteration": list(range(ITERATIONS)), "loss": [round(m + s, 6) for m, s in zip(mean_term, std_term)],
+              "mean_term": mean_term, "std_term": std_term, "lr": lr, "bn_layers": 5, "config": {}}
+    preview = {f"iteration_{k}": rng.integers(0, 256, (3, 8, 10, 3), dtype=np.uint8) for k in SNAPSHOTS}
+    spread = {str(k): {"channel_spread": round(0.1 + 0.01 * k + (0.2 if stage == "pretrain" else 0), 5),
+                       "absmax": 2.0, "out_of_range": 0.0} for k in SNAPSHOTS}
+    return _write_run("03_distill_calibration_data", params, {"stage": stage, "pixel_statistics": spread}, {
+        "loss_curves.json": lambda p: runs.atomic_write_json(p, curves),
+        "preview.npz": lambda p: np.savez_compressed(p, **preview)})
+
+
+def _calibration(stage: str, source: str, rng, loss: str = "mean", clamp: bool = True,
+                 settings=("W8A8", "W4A4"), calibrator: str = "percentile") -> dict:
+    params = {"PROFILE": "tiny", "SEED": 0, "STAGE": stage, "SOURCE": source, "DISTILL_LOSS": loss,
+              "DISTILL_CLAMP": clamp, "CALIB_BATCH": 8, "CALIBRATOR": calibrator}
+    grid = [(s, ITERATIONS if source == "distilled" else None, b) for s in settings for b in range(FINAL_BATCHES[stage])]
+    if source == "distilled" and clamp:
+        grid += [(settings[0], it, b) for it in SWEEP for b in range(2)]
+    rows = [{"setting": s, "iteration": it, "batch": b, "AP": float(rng.uniform(0.05, 0.3)), "AP50": 0.5, "APs": 0.1,
+             "per_class_AP": {}, "first_layer_amax": 2.5} for s, it, b in grid]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    return _write_run("04_quantize_evaluate", params, {"fp32": {"AP": FP32_AP[stage]}, "size": SIZE, "rows": len(rows)},
+                      {"rows.jsonl": lambda p: p.write_text(text)})
+
+
+@pytest.fixture
+def tree():
+    """A tiny batch as the notebooks store it, plus a stale 04 run that the comparison did not use."""
+    rng = np.random.default_rng(0)
+    entries = [_write_run("02_train_detector", {"PROFILE": "tiny", "STAGE": s, "ARCH": "retinanet_test", "DATASET": d,
+                                                 "DATA_ROOT": "data/tiny"}, {"AP": 0.2})
+               for s, d in (("pretrain", "coco"), ("finetune", "flir"))]
+    entries += [_distillation(s, loss, clamp, rng) for s, loss, clamp in
+                [("finetune", "mean", True), ("finetune", "mean+std", True), ("pretrain", "mean", True),
+                 ("pretrain", "mean+std", True), ("finetune", "mean", False)]]
+    calibration = [_calibration("finetune", "distilled", rng), _calibration("finetune", "distilled", rng, loss="mean+std"),
+                   _calibration("finetune", "distilled", rng, clamp=False), _calibration("finetune", "real", rng),
+                   _calibration("finetune", "gaussian", rng),
+                   _calibration("pretrain", "distilled", rng, settings=("W8A8",)),
+                   _calibration("pretrain", "distilled", rng, loss="mean+std", settings=("W8A8",)),
+                   _calibration("pretrain", "gaussian", rng, settings=("W8A8",))]
+    stale = _calibration("finetune", "real", rng, calibrator="max")
+    compared = [runs.Run(e["notebook"], e["params"], runs.results_dir() / e["path"]) for e in calibration]
+    rows = compare.collect_rows(compared)
+    spread = compare.spread_table(rows)
+    comparison = {"table1": compare.records(compare.table1(rows, compared)), "spread": compare.records(spread),
+                  "sweep": compare.records(compare.sweep_table(rows)), "claims": compare.records(compare.claims(rows, compared)),
+                  "runs": {f"{r.params['STAGE']}/{compare.source_label(r.params)}": r.id for r in compared}}
+    entries += [stale] + calibration + [_write_run("06_compare_calibration", {"PROFILE": "tiny", "SEED": 0}, comparison)]
+    runs.atomic_write_json(runs.results_dir() / "manifest.json", {"batches": {"tiny": entries}})
+    return {"entries": entries, "calibration": calibration, "stale": stale}
+
+
+def _rows(entry: dict) -> list[dict]:
+    return runs.read_jsonl(runs.results_dir() / entry["path"] / "rows.jsonl")
+
+
+def _comparison() -> dict:
+    return json.loads(next(runs.results_dir().glob("06_compare_calibration/*/metrics.json")).read_text())
+
+
+def test_load_uses_exactly_the_compared_runs_and_checks_the_profile(tree):
+    stored = plots.load("tiny", "tiny")
+    assert set(stored.rows["run_id"]) == {e["run_id"] for e in tree["calibration"]}  # not the stale run
+    assert len(stored.rows) == sum(len(_rows(e)) for e in tree["calibration"])
+    assert len(stored.distillations) == 5 and stored.dfmpc is None and "05_compensate_dfmpc" in stored.missing["dfmpc"]
+    assert "profile tiny" in stored.ours and "retinanet_test" in stored.ours
+    with pytest.raises(ValueError, match="profile"):
+        plots.load("tiny", "paper")
+    with pytest.raises(plots.MissingResults, match="no batch 'paper'"):
+        plots.load("paper")
+
+
+def test_missing_manifest_says_how_to_get_results():
+    with pytest.raises(plots.MissingResults, match="make reproduce"):
+        plots.load("tiny")
+
+
+def test_table1_rows_columns_and_values_are_the_stored_ones(tree):
+    table = plots.table1(plots.load("tiny"))
+    stored, reference = _comparison()["table1"], compare.paper_reference()["table1"]
+    assert list(table["precision"]) == ["W32-A32", "W8-A8"] * 2
+    assert list(table["model"]) == ["pretrained RetinaNet"] * 2 + ["fine-tuned RetinaNet"] * 2
+    assert list(table["evaluation data (tiny)"]) == ["coco val (data/tiny)"] * 2 + ["flir val (data/tiny)"] * 2
+    assert list(table["evaluation data (paper)"]) == ["Microsoft COCO"] * 2 + ["FLIR ADAS"] * 2
+    for column in ("mAP (tiny)", "size MiB (tiny)", "mAP (paper, reported)", "size MB (paper, reported)"):
+        assert column in table.columns
+    assert list(table["mAP (tiny)"]) == [r["mAP"] for r in stored]
+    assert list(table["size MiB (tiny)"]) == [SIZE["fp32_mib"], SIZE["int_mib"]] * 2
+    assert list(table["mAP (paper, reported)"]) == [reference[s][k] for s in ("pretrain", "finetune") for k in ("fp32_map", "w8a8_map")]
+    assert list(table["calibration batches (tiny)"].dropna()) == [FINAL_BATCHES["pretrain"], FINAL_BATCHES["finetune"]]
+    # the W8-A8 value is the mean of the stored per-batch rows (final distilled images, mean-only loss), in points
+    finetune = next(e for e in tree["calibration"] if e["params"]["STAGE"] == "finetune")
+    final = [100 * r["AP"] for r in _rows(finetune) if r["setting"] == "W8A8" and r["iteration"] == ITERATIONS]
+    assert table["mAP (tiny)"].iloc[3] == pytest.approx(np.mean(final), abs=1e-4)
+    assert table["mAP (tiny)"].iloc[2] == pytest.approx(100 * FP32_AP["finetune"])
+
+
+def test_tables_are_written_as_csv_and_markdown_with_the_stored_values(tree):
+    stored = plots.load("tiny")
+    _, files = plots.make("table1_map", stored, "results/figures")
+    assert [p.name for p in files] == ["table1_map.csv", "table1_map.md"]
+    assert files[0].parent == runs.results_dir() / "figures"
+    back = pd.read_csv(files[0])
+    assert list(back["mAP (tiny)"]) == [r["mAP"] for r in _comparison()["table1"]]
+    md = files[1].read_text()
+    assert "profile tiny" in md and "| model |" in md and md.count("\n| ") == 1 + 4
+    sources, _ = plots.make("table_sources_bits", stored, "results/figures")
+    assert len(sources) == len(_comparison()["spread"])
+    assert list(sources["mAP mean (tiny)"]) == [r["mean"] for r in _comparison()["spread"]]
+
+
+def test_fig2_sweep_series_are_the_stored_sweep_and_rows(tree):
+    stored = plots.load("tiny")
+    for stage in ("finetune", "pretrain"):
+        points, sweep = plots.fig2_sweep_data(stored, stage)
+        assert set(sweep["source"]) == {"distilled mean", "distilled mean+std"}  # the unclamped run has no sweep
+        for source in ("distilled mean", "distilled mean+std"):
+            line = sweep[sweep["source"] == source]
+            assert list(line["iteration"]) == [*SWEEP, ITERATIONS]
+            assert list(line["count"]) == [2, 2, FINAL_BATCHES[stage]]
+            assert list(points[points["source"] == source].groupby("iteration").size()) == [2, 2, FINAL_BATCHES[stage]]
+        expected = [r for r in _comparison()["sweep"] if r["stage"] == stage and not r["source"].endswith("(unclamped)")]
+        assert sorted(sweep["mean"]) == sorted(r["mean"] for r in expected)
+        fig = plots.fig2_map_vs_iterations(stored, stage)
+        ax = fig.axes[0]
+        lines = {line.get_label(): line for line in ax.lines}
+        mean_line = lines["mean loss: mean over batches"]
+        assert list(mean_line.get_xdata()) == [*SWEEP, ITERATIONS]
+        assert list(mean_line.get_ydata()) == list(sweep[sweep["source"] == "distilled mean"]["mean"])
+        assert sum(len(c.get_offsets()) for c in ax.collections if "batch" in c.get_label()) == len(points)
+        fp32 = next(label for label in lines if label.startswith("FP32"))
+        assert fp32.endswith(f"{100 * FP32_AP[stage]:.2f}")
+        assert ("W8A8, real images (PTQ)" in " ".join(lines)) == (stage == "finetune")
+        assert f"[ours: profile tiny" in fig._suptitle.get_text() and "paper (RetinaNet-R50-FPN" in fig._supxlabel.get_text()
+
+
+def test_fig2_loss_curves_are_the_stored_curves(tree):
+    stored = plots.load("tiny")
+    data = plots.fig2_loss_data(stored, "pretrain")
+    assert data.groupby("loss_kind").size().to_dict() == {"mean": ITERATIONS, "mean+std": ITERATIONS}  # clamped runs only
+    fig = plots.fig2_loss(stored, "pretrain")
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    curve = next(d for d in stored.distillations if (d["stage"], d["loss"]) == ("pretrain", "mean+std"))["curves"]
+    assert list(lines["mean+std loss (optimised)"].get_ydata()) == curve["loss"]
+    assert list(lines["mean+std run: its mean term"].get_ydata()) == curve["mean_term"]
+    drops = [line.get_xdata()[0] for line in fig.axes[0].lines if line.get_linestyle() == ":" and len(line.get_xdata())]
+    assert drops == [2, 5]  # the lr divisions of the stored schedule
+    summary = plots.fig2_loss_summary(stored, "pretrain")
+    assert list(summary["last_loss"]) == [d["curves"]["loss"][-1] for d in stored.distillations
+                                          if d["stage"] == "pretrain" and d["clamp"]]
+
+
+def test_fig3_has_one_point_per_stored_batch_and_the_stored_statistics(tree):
+    stored = plots.load("tiny")
+    points, stats = plots.fig3_data(stored)
+    order = ["real", "distilled mean", "distilled mean+std", "distilled mean (unclamped)", "gaussian"]
+    assert list(stats["source"]) == order
+    assert points.groupby("source", sort=False).size().to_dict() == {s: FINAL_BATCHES["finetune"] for s in order}
+    real = next(e for e in tree["calibration"] if e["params"]["SOURCE"] == "real")
+    assert list(points[points["source"] == "real"]["mAP"]) == [100 * r["AP"] for r in _rows(real) if r["setting"] == "W8A8"]
+    spread = {r["source"]: r for r in _comparison()["spread"] if r["stage"] == "finetune" and r["setting"] == "W8A8"}
+    for _, row in stats.iterrows():
+        assert {k: row[k] for k in ("mean", "std", "min", "max", "count")} == {k: spread[row["source"]][k] for k in ("mean", "std", "min", "max", "count")}
+        assert row["mean"] == pytest.approx(points[points["source"] == row["source"]]["mAP"].mean(), abs=1e-4)
+    fig = plots.fig3_ptq_vs_zsq(stored)
+    ax = fig.axes[0]
+    per_source, means = ax.collections[:len(order)], ax.collections[len(order)]
+    for source, collection in zip(order, per_source):
+        assert sorted(collection.get_offsets()[:, 1]) == sorted(points[points["source"] == source]["mAP"])
+    assert list(means.get_offsets()[:, 1]) == list(stats["mean"])
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0].startswith("real images") and f"n = {FINAL_BATCHES['finetune']}" in labels[0]
+    assert "31.13" in fig._supxlabel.get_text() and "29.78" in fig._supxlabel.get_text()
+
+
+def test_fig4_grid_shows_the_stored_previews(tree):
+    stored = plots.load("tiny")
+    data = plots.fig4_data(stored)
+    assert list(data) == ["pretrain", "finetune"]  # mean-only clamped runs, (a) pretrained first
+    fig = plots.fig4_distilled_images(stored)
+    assert len(fig.subfigs) == 2
+    for sub, (stage, d) in zip(fig.subfigs, data.items()):
+        assert sub._suptitle.get_text().startswith("(a)" if stage == "pretrain" else "(b)")
+        assert len(sub.axes) == len(SNAPSHOTS) * 3  # rows: snapshot iterations, columns: the 3 stored images
+        for k, ax in enumerate(sub.axes):
+            it, j = SNAPSHOTS[k // 3], k % 3
+            np.testing.assert_array_equal(ax.images[0].get_array(), d["images"][it][j])
+        assert sub.axes[0].get_ylabel() == f"iter 0\nspread {d['channel_spread'][0]:.3f}"
+    summary = plots.fig4_summary(stored)
+    assert summary.shape == (2, len(SNAPSHOTS)) and summary.loc["pretrain", 6] == pytest.approx(0.36)
+
+
+def test_saved_files_are_png_and_pdf_with_identical_bytes_on_a_rerun(tree, tmp_path):
+    stored = plots.load("tiny")
+    first = plots.save(plots.fig3_ptq_vs_zsq(stored), "fig3_ptq_vs_zsq", tmp_path / "a")
+    again = plots.save(plots.fig3_ptq_vs_zsq(plots.load("tiny")), "fig3_ptq_vs_zsq", tmp_path / "b")
+    assert [p.name for p in first] == ["fig3_ptq_vs_zsq.png", "fig3_ptq_vs_zsq.pdf"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    png, pdf = (p.read_bytes() for p in first)
+    assert png.startswith(b"\x89PNG") and b"Software" not in png and b"Matplotlib" not in png
+    assert pdf.startswith(b"%PDF") and b"CreationDate" not in pdf
+    mtime = first[0].stat().st_mtime_ns
+    plots.save(plots.fig3_ptq_vs_zsq(stored), "fig3_ptq_vs_zsq", tmp_path / "a")
+    assert first[0].stat().st_mtime_ns == mtime  # unchanged bytes leave the file alone
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fig3_ptq_vs_zsq.pdf", "fig3_ptq_vs_zsq.png"]
+
+
+def test_main_regenerates_every_artifact_and_skips_dfmpc_with_a_reason(tree, capsys):
+    assert plots.main(["--batch", "tiny"]) == 0
+    out = capsys.readouterr().out
+    written = sorted(p.name for p in (runs.results_dir() / "figures").iterdir())
+    for name, (kind, _, _) in plots.ARTIFACTS.items():
+        suffixes = (".csv", ".md") if kind == "table" else (".png", ".pdf")
+        if "dfmpc" in name:
+            assert f"{name}: skipped: batch 'tiny' has no stored 05_compensate_dfmpc run" in out
+            assert not any(w.startswith(name + ".") for w in written)
+        else:
+            assert all(f"{name}{s}" in written for s in suffixes), name
+    assert str(runs.results_dir()) not in out  # paths are printed relative
+
+
+def test_dfmpc_table_and_ablation_come_from_the_stored_run(tree):
+    metrics = {"classifier": {"rows": [{"model": "resnet18", "method": m, "top1": a} for m, a in (("fp32", 69.0), ("dfmpc", 60.0))]},
+               "detector": {"rows": [{"model": "retinanet", "method": "dfmpc", "mAP": 20.0}]},
+               "ablation": {"lambda1": [{"lambda1": v, "top1": 50 + v} for v in (0.0, 0.5, 1.0)],
+                            "lambda2": [{"lambda2": v, "top1": 55 - v} for v in (0.0, 0.1)]}}
+    entry = _write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics)
+    manifest = runs.results_dir() / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["batches"]["tiny"].append(entry)
+    runs.atomic_write_json(manifest, data)
+    stored = plots.load("tiny")
+    table, files = plots.make("dfmpc_table", stored, "results/figures")
+    assert list(table["part"]) == ["classifier", "classifier", "detector"] and list(table["top1"].iloc[:2]) == [69.0, 60.0]
+    fig = plots.fig_dfmpc_lambda(stored, "lambda1")
+    (line,) = fig.axes[0].lines
+    assert list(line.get_xdata()) == [0.0, 0.5, 1.0] and list(line.get_ydata()) == [50.0, 50.5, 51.0]
+    assert fig.axes[0].get_xlabel() == "$\\lambda_1$"
