@@ -578,7 +578,7 @@ def fig_dfmpc_lambda(stored: Stored, which: str = "lambda1"):
     """DF-MPC ablation: the stored metric(s) against lambda1 or lambda2 (notebook 05)."""
     data = dfmpc_ablation_data(stored, which)
     x = which if which in data.columns else next((c for c in data.columns if "lambda" in c.lower()), data.columns[0])
-    groups = [c for c in data.columns if c != x and data[c].dtype == object]
+    groups = [c for c in data.columns if c != x and not pd.api.types.is_numeric_dtype(data[c])]
     metrics = [c for c in data.select_dtypes("number").columns if c != x and "lambda" not in c.lower()]
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()

@@ -36,6 +36,11 @@ def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
             sweep = len(params["SWEEP_ITERATIONS"]) * params["SWEEP_BATCHES"] if params["SOURCE"] == "distilled" else 0
             assert len(rows) == metrics["rows"] == len(params["SETTINGS"]) * params["N_BATCHES"] + sweep
             assert all(0.0 <= r["AP"] <= 1.0 for r in rows)
+        elif run["notebook"] == "05_compensate_dfmpc":
+            settings = [r["setting"] for r in metrics["classifier"]["rows"]]
+            assert settings == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "naive 3/6", "DF-MPC 3/6"]
+            assert all(0.0 <= r["metric"] <= 1.0 for r in metrics["classifier"]["rows"] + metrics["detector"]["rows"])
+            assert len(metrics["ablation"]["lambda1"]) == 2 * len(params["LAMBDA1_SWEEP"])
         elif run["notebook"] == "06_compare_calibration":
             assert {c["claim"].split(":")[0] for c in metrics["claims"]} >= {"finetune"}
             assert len(metrics["runs"]) == 3

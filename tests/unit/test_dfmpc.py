@@ -202,12 +202,14 @@ def test_folding_into_bn_equals_weight_side_resnet18():
 def test_compensation_lowers_output_error(seed):
     net = small_net(seed)
     x = torch.relu(torch.randn(8, 16, 12, 12, generator=torch.Generator().manual_seed(100 + seed)))
-    ref = net(x)
+    with torch.no_grad():
+        ref = net(x)
     err = {}
     for mode in ("naive", "dfmpc"):
         q = copy.deepcopy(net)
         dfmpc.compensate_pair(q[0], q[1], q[3], mode=mode, lambda1=0.5, lambda2=0.0)
-        err[mode] = float(((q(x) - ref) ** 2).mean() / (ref ** 2).mean())
+        with torch.no_grad():
+            err[mode] = float(((q(x) - ref) ** 2).mean() / (ref ** 2).mean())
     assert err["dfmpc"] < 0.95 * err["naive"], err
 
 
@@ -254,3 +256,23 @@ def test_resnet18_size_matches_spec():
     r = dfmpc.compensate(torchvision.models.resnet18(weights=None))
     assert r["size"]["weights_mib"] == pytest.approx(6.10, abs=0.005)  # spec section 8 "we get 6.10 MiB"
     assert r["size"]["fp32_mib"] == pytest.approx(44.59, abs=0.005)
+
+
+def test_compare_settings_rows_and_recovered_fraction():
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x).detach()
+    error = lambda m: -float(((m(x) - ref) ** 2).mean())  # noqa: E731  higher is better, 0 at FP32
+    rows = dfmpc.compare_settings(model, error, ["ternary", 3])
+    assert [r["setting"] for r in rows] == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "naive 3/6", "DF-MPC 3/6"]
+    assert rows[0]["metric"] == 0 and all(r["metric"] < 0 for r in rows[1:])
+    assert torch.equal(model(x), ref)  # the input model is untouched
+    assert rows[1]["size_mib"] < rows[3]["size_mib"] < rows[0]["size_mib"]
+    fractions = dfmpc.recovered_fraction(rows)
+    assert set(fractions) == {"ternary", "3"}
+    manual = (rows[2]["metric"] - rows[1]["metric"]) / (rows[0]["metric"] - rows[1]["metric"])
+    assert fractions["ternary"] == pytest.approx(manual)
+    with pytest.raises(ValueError, match="bit width"):
+        dfmpc.compare_settings(model, error, [9])
