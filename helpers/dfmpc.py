@@ -514,3 +514,43 @@ PAPER_REFERENCE = {
     "lambda1": 0.5, "lambda2": 0.0, "lambda1_grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "lambda2_grid": [0.0, 0.01],
     "resnet18_seconds": "about 2 s on one GTX 1080 Ti",
 }
+
+
+# --------------------------------------------------------------------------- experiment rows (notebook 05)
+def compare_settings(model: nn.Module, evaluate, low_bits_list, high_bits: int = 6, lambda1: float = 0.5,
+                     lambda2: float = 0.0, quantize_other: bool = True, target=None,
+                     modes=("naive", "dfmpc")) -> list[dict]:
+    """The paper's Table 1/2 rows on one model: FP32, then naive and DF-MPC for every low bit width.
+
+    `evaluate(model) -> float` measures a copy (top-1, mAP); `target(model)` picks the ResNet that is
+    quantized (default: the model itself; `lambda m: m.backbone.body` for a detector). Each row holds
+    the metric, the quantized part's size in MiB (FP32 row: its FP32 size) and the mean c over pairs.
+    The input model is never modified. Arguments are checked before any evaluation.
+    """
+    for low in low_bits_list:
+        _check_args(low, high_bits, "dfmpc", "bn", lambda1, lambda2)
+    target = target or (lambda m: m)
+    fp32_mib = sum(p.numel() for p in target(model).parameters()) * 32 / (8 * 2 ** 20)
+    rows = [{"setting": "FP32", "low_bits": "fp32", "high_bits": "fp32", "mode": "fp32", "metric": evaluate(model),
+             "size_mib": fp32_mib, "mean_c": 1.0}]
+    for low in low_bits_list:
+        for mode in modes:
+            q = copy.deepcopy(model)
+            report = compensate(target(q), low, high_bits, lambda1, lambda2, mode, "bn", quantize_other)
+            label = f"{'DF-MPC' if mode == 'dfmpc' else 'naive'} {storage_bits(low)}/{high_bits}" + (" (TWN)" if low == "ternary" else "")
+            rows.append({"setting": label, "low_bits": str(low), "high_bits": high_bits, "mode": mode,
+                         "metric": evaluate(q), "size_mib": report["size"]["total_mib"],
+                         "mean_c": sum(p["mean_c"] for p in report["pairs"]) / len(report["pairs"])})
+    return rows
+
+
+def recovered_fraction(rows: list[dict]) -> dict[str, float | None]:
+    """Per low bit width: (DF-MPC - naive) / (FP32 - naive), the share of the naive drop DF-MPC wins back."""
+    fp32 = rows[0]["metric"]
+    by = {(r["low_bits"], r["mode"]): r["metric"] for r in rows[1:]}
+    out = {}
+    for low in dict.fromkeys(r["low_bits"] for r in rows[1:]):
+        naive, dfmpc = by.get((low, "naive")), by.get((low, "dfmpc"))
+        drop = None if naive is None else fp32 - naive
+        out[low] = None if dfmpc is None or not drop or drop <= 0 else (dfmpc - naive) / drop
+    return out
