@@ -39,7 +39,20 @@ def calibration_runs(**match) -> list[runs.Run]:
     newest = {}
     for run in runs.list_runs("04_quantize_evaluate", **match):  # oldest first
         newest[(run.params["STAGE"], source_label(run.params))] = run
-    return list(newest.values())
+    return [newest[key] for key in sorted(newest, key=_display_order)]
+
+
+STAGE_ORDER = ("finetune", "pretrain")
+SOURCE_ORDER = ("real", "distilled mean", "distilled mean+std", "distilled mean (unclamped)", "gaussian")
+
+
+def _display_order(key: tuple[str, str]) -> tuple[int, int, str]:
+    stage, source = key
+    return _rank(STAGE_ORDER, stage), _rank(SOURCE_ORDER, source), f"{stage}/{source}"
+
+
+def _rank(order: tuple[str, ...], item: str) -> int:
+    return order.index(item) if item in order else len(order)
 
 
 def image_colour(**match) -> dict[str, float]:

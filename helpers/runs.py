@@ -181,7 +181,15 @@ def list_runs(notebook: str, finished: bool = True, **match) -> list[Run]:
             run = Run(notebook, params, pfile.parent)
             if run.finished or not finished:
                 found.append(run)
-    return sorted(found, key=lambda r: (r.dir / "metrics.json").stat().st_mtime if r.finished else 0)
+    return sorted(found, key=_finish_order)
+
+
+def _finish_order(run: Run) -> tuple[str, str]:
+    """Sort key: the finish time recorded in env.json (committed with the results, so a fresh clone,
+    whose file mtimes are all checkout times, orders runs the same way), then the run id."""
+    env = run.dir / "env.json"
+    stamp = json.loads(env.read_text()).get("time", "") if run.finished and env.exists() else ""
+    return stamp, run.id
 
 
 def find_run(notebook: str, run_id_: str | None = None, **match) -> Run:

@@ -54,3 +54,15 @@ def test_a_run_whose_artifacts_vanished_is_not_finished():
     assert not run.finished
     with pytest.raises(FileNotFoundError):
         runs.find_run("02_train_detector", STAGE="finetune")
+
+
+def test_runs_are_ordered_by_recorded_finish_time_not_file_mtime():
+    older = runs.open_run("04_quantize_evaluate", {"SOURCE": "real", "SEED": 0})
+    newer = runs.open_run("04_quantize_evaluate", {"SOURCE": "real", "SEED": 1})
+    for run, stamp in ((older, "2026-01-01T00:00:00"), (newer, "2026-01-02T00:00:00")):
+        run.finish({"AP": 0.5})
+        env = json.loads(run.path("env.json").read_text())
+        runs.atomic_write_json(run.path("env.json"), {**env, "time": stamp})
+    os.utime(older.path("metrics.json"), (2e9, 2e9))  # a fresh clone's checkout order says nothing
+    assert [r.id for r in runs.list_runs("04_quantize_evaluate")] == [older.id, newer.id]
+    assert runs.find_run("04_quantize_evaluate", SOURCE="real").id == newer.id
