@@ -30,19 +30,23 @@ from helpers.runs import atomic_write_json, results_dir
 TARGETS = {"distill_over_body_fwd_bwd": 1.05, "fakequant_over_fp32_eval": 1.2, "calibration_over_fp32_inference": 1.5}
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, divide: dict[str, int] | None = None) -> dict:
+def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, divide: dict[str, int] | None = None,
+                 sync: Callable[[], None] = lambda: None) -> dict:
     """Best and median wall seconds, and best process CPU seconds, of each function, timed in turn
     after one warm-up call each. CPU time does not count time spent descheduled, so with one
-    thread it is the measure least disturbed by other processes."""
+    thread it is the measure least disturbed by other processes. `sync` waits for queued GPU work
+    (torch.cuda.synchronize), so a timing covers the kernels, not just their launch."""
     divide = divide or {}
     for fn in fns.values():
         fn()
+    sync()
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
+            sync()
             wall[name].append((time.perf_counter() - start) / divide.get(name, 1))
             cpu[name].append((time.process_time() - start_cpu) / divide.get(name, 1))
     return {name: {"best_s": min(wall[name]), "median_s": statistics.median(wall[name]),
@@ -50,17 +54,19 @@ def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, divide: dict[
 
 
 def measure(checkpoint: str | None = None, repeats: int = 7, batch: int = 8, height: int = 128, width: int = 160,
-            distill_iters: int = 6, seed: int = 0) -> dict:
+            distill_iters: int = 6, seed: int = 0, arch: str = "retinanet_resnet18_fpn_tiny",
+            device: str = "cpu") -> dict:
     load_before = os.getloadavg()[0]
     torch.manual_seed(seed)
-    model = models.build_detector("retinanet_resnet18_fpn_tiny", 4, height, width,
-                                  weights=checkpoint or "none").eval()
+    device = torch.device(device)
+    model = models.build_detector(arch, 4, height, width, weights=checkpoint or "none").to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, height, width, generator=g) for _ in range(batch)]
+    images = [torch.rand(3, height, width, generator=g).to(device) for _ in range(batch)]
 
     # (a) distillation vs the body's forward + backward
     body = model.backbone.body
-    x = torch.randn(batch, 3, height, width, generator=g)
+    x = torch.randn(batch, 3, height, width, generator=g).to(device)
 
     def body_fwd_bwd():
         flags = [p.requires_grad for p in body.parameters()]
@@ -77,7 +83,7 @@ def measure(checkpoint: str | None = None, repeats: int = 7, batch: int = 8, hei
 
     a = _interleaved({"body_fwd_bwd": body_fwd_bwd, "distill_mean": distill_run("mean"),
                       "distill_mean_std": distill_run("mean+std")}, repeats,
-                     {"distill_mean": distill_iters, "distill_mean_std": distill_iters})
+                     {"distill_mean": distill_iters, "distill_mean_std": distill_iters}, sync)
 
     # (b) W8A8 evaluation vs float evaluation, (c) calibration pass vs float inference
     q = quant.quantize_model(model, 8, 8, calibrator="percentile", percentile=99.99)
@@ -95,7 +101,7 @@ def measure(checkpoint: str | None = None, repeats: int = 7, batch: int = 8, hei
         quant.calibrate(q, [images], progress=False)
 
     bc = _interleaved({"fp32_eval": fp32_eval, "fakequant_eval": fakequant_eval,
-                       "calibration_pass": calibration_pass}, repeats)
+                       "calibration_pass": calibration_pass}, repeats, sync=sync)
     range_seconds = {}
     for calibrator in quant.CALIBRATORS:  # one-off cost after the pass, per model
         start = time.perf_counter()
@@ -112,14 +118,14 @@ def measure(checkpoint: str | None = None, repeats: int = 7, batch: int = 8, hei
 
     ratios, cpu_ratios = ratios_of("best_s"), ratios_of("best_cpu_s")
     return {
-        "setup": {"model": "retinanet_resnet18_fpn_tiny", "weights": checkpoint or "random", "batch": batch,
+        "setup": {"model": arch, "device": str(device), "weights": checkpoint or "random", "batch": batch,
                   "height": height, "width": width, "distill_iterations_per_timing": distill_iters},
         "timings": {**a, **bc}, "set_ranges_s": range_seconds, "ratios": ratios, "cpu_time_ratios": cpu_ratios,
         "targets": TARGETS, "within_target": {k: ratios[k] <= v for k, v in TARGETS.items()},
         "within_target_cpu_time": {k: cpu_ratios[k] <= v for k, v in TARGETS.items()},
         "size": quant.size_report(model, q),
         "note": ("best of interleaved repeats after one warm-up; the distill ratio uses the paper's 'mean' loss "
-                 "(mean+std reported beside it); calibration = histograms of all 38 layer inputs + percentile "
+                 "(mean+std reported beside it); calibration = histograms of every conv/linear layer input + percentile "
                  "ranges, running transform, backbone and head (no box decoding/NMS, which it does not need)"),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # other processes share the CPU
         "torch": torch.__version__, "threads": torch.get_num_threads(),

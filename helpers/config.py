@@ -21,6 +21,19 @@ def seed_everything(seed: int, deterministic: bool = True) -> "np.random.Generat
     return np.random.default_rng(seed)
 
 
+def device(profile: str = "tiny") -> "torch.device":
+    """Where models run. `IRZSQ_DEVICE` ("cpu", "cuda", "cuda:1") overrides; otherwise the paper
+    profile uses CUDA when a GPU is present and the tiny profile stays on the CPU, whose results the
+    committed notebooks show (GPU kernels round differently, so nbval would not match)."""
+    import torch
+    wanted = os.environ.get("IRZSQ_DEVICE") or ("cuda" if profile == "paper" and torch.cuda.is_available() else "cpu")
+    chosen = torch.device(wanted)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"IRZSQ_DEVICE={wanted!r} but torch sees no CUDA device on this machine; "
+                           "unset IRZSQ_DEVICE or set it to 'cpu'.")
+    return chosen
+
+
 def quiet_known_warnings() -> None:
     """Filter the specific third-party warnings that are not ours to fix (never all warnings)."""
     warnings.filterwarnings("ignore", message=r".*torch\.meshgrid: in an upcoming release.*")

@@ -15,11 +15,13 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 def predict(model, loader, label_to_cat: dict, progress: bool | None = None) -> list[dict]:
     """Detections in COCO result format ([x, y, w, h], category ids, scores)."""
     model.eval()
+    device = next(model.parameters()).device
     results = []
     kwargs = {} if progress is None else {"disable": not progress}
     for images, targets in tqdm(loader, desc="predict", leave=False, **kwargs):
-        outputs = model(list(images))
+        outputs = model([image.to(device, non_blocking=True) for image in images])
         for target, out in zip(targets, outputs):
+            out = {k: v.cpu() for k, v in out.items()}
             boxes = out["boxes"].clone()
             boxes[:, 2:] -= boxes[:, :2]
             for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):

@@ -101,6 +101,11 @@ def load_with_new_classes(model: RetinaNet, state: dict) -> list[str]:
     return replaced
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (inputs are moved there)."""
+    return next(model.parameters()).device
+
+
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

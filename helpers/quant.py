@@ -224,6 +224,8 @@ class RunningHistogram:
             index = x.abs().mul_(self.num_bins / self.range)
         counts = torch.bincount(index.to(torch.int32).flatten(), minlength=self.num_bins + 1).double()
         counts[self.num_bins - 1] += counts[self.num_bins:].sum()
+        if self.counts.device != counts.device:  # first batch on a GPU: keep the running counts there
+            self.counts = self.counts.to(counts.device)
         self.counts += counts[: self.num_bins]
 
 
@@ -298,7 +300,7 @@ def _mse_best(centers: np.ndarray, counts: np.ndarray, lows: np.ndarray, highs: 
 
 def mse_range(hist: RunningHistogram, bits: int, symmetric: bool, start_bin: int = 128,
               grid: int = 64) -> tuple[float, float]:
-    counts, edges = hist.counts.numpy(), hist.edges()
+    counts, edges = hist.counts.cpu().numpy(), hist.edges()
     centers = (edges[1:] + edges[:-1]) / 2
     nonzero = np.flatnonzero(counts)
     if symmetric:
@@ -322,7 +324,7 @@ def histogram_range(hist: RunningHistogram, calibrator: str, bits: int, symmetri
     check_calibrator(calibrator, symmetric, percentile)
     if hist.total == 0:
         raise RuntimeError("this quantizer saw no data during calibration")
-    counts, edges = hist.counts.numpy(), hist.edges()
+    counts, edges = hist.counts.cpu().numpy(), hist.edges()
     if calibrator == "max":
         return (-hist.absmax, hist.absmax) if symmetric else (hist.min, hist.max)
     if calibrator == "percentile":
@@ -408,7 +410,8 @@ class _QuantLayer:
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero_point)
         self.w_bits, self.symmetric = w_bits, symmetric
-        self.input_quantizer = None if a_bits is None else InputQuantizer(a_bits, symmetric, **act_kwargs)
+        self.input_quantizer = (None if a_bits is None else
+                                InputQuantizer(a_bits, symmetric, **act_kwargs).to(float_layer.weight.device))
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -534,6 +537,8 @@ def _images(batch) -> list[torch.Tensor] | torch.Tensor:
 
 def _features_forward(model: nn.Module, images: list[torch.Tensor]) -> None:
     """What calibration needs from a detector: every conv input, without anchors, decoding or NMS."""
+    device = next(model.parameters()).device
+    images = [image.to(device, non_blocking=True) for image in images]
     if all(hasattr(model, a) for a in ("transform", "backbone", "head")):
         batch, _ = model.transform(images)
         features = model.backbone(batch.tensors)
@@ -593,7 +598,7 @@ def set_ranges(model: nn.Module, calibrator: str | None = None, percentile: floa
 # --------------------------------------------------------------------------- size
 def _pack_bits(q: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     """Integers in [qmin, qmin + 2^bits) packed densely, `bits` per value, into uint8 bytes."""
-    offset = (q.to(torch.int16) - qmin).to(torch.uint8).flatten().numpy()
+    offset = (q.to(torch.int16) - qmin).to(torch.uint8).flatten().cpu().numpy()
     bit_planes = np.unpackbits(offset[:, None], axis=1, bitorder="little")[:, :bits]
     return torch.from_numpy(np.packbits(bit_planes.ravel(), bitorder="little"))
 

@@ -68,11 +68,12 @@ def train_one_epoch(model, optimizer, scheduler, loader, grad_clip: float = 0.0,
                     progress: bool | None = None) -> dict:
     """One pass over `loader`; returns mean loss components."""
     model.train()
+    device = next(model.parameters()).device
     sums, count = {}, 0
     kwargs = {} if progress is None else {"disable": not progress}
     for it, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, **kwargs)):
-        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-        losses = model(list(images), targets)
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        losses = model([image.to(device, non_blocking=True) for image in images], targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, iteration {it} "

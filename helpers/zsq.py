@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers import data, distill, evaluate, models, quant, runs
+from helpers import config, data, distill, evaluate, models, quant, runs
 
 SOURCES = ("distilled", "real", "gaussian")
 _SETTING = re.compile(r"^W(\d)A(\d)$")
@@ -55,9 +55,10 @@ def training_set(run: runs.Run) -> data.CocoDetectionSet:
 
 
 def load_detector(run: runs.Run, num_classes: int) -> torch.nn.Module:
+    """The trained detector of a `02_train_detector` run, on the device its profile runs on."""
     p = run.params
     return models.build_detector(p["ARCH"], num_classes, p["MIN_SIZE"], p["MAX_SIZE"],
-                                 weights=str(run.path("model.pth"))).eval()
+                                 weights=str(run.path("model.pth"))).to(config.device(p["PROFILE"])).eval()
 
 
 def real_batches(dataset, n_batches: int, batch_size: int = 8) -> list[list[torch.Tensor]]:

@@ -53,3 +53,18 @@ def test_wrong_architecture_checkpoint_is_rejected(tmp_path):
         models.build_detector("retinanet_resnet50_fpn_v2", 4, 512, 640, weights=str(tmp_path / "m.pth"))
     with pytest.raises(ValueError, match="arch must be one of"):
         models.build_detector("yolo", 4, 128, 160)
+
+
+def test_device_policy_keeps_tiny_on_the_cpu_and_names_the_fix_for_a_missing_gpu(monkeypatch):
+    import torch
+
+    from helpers import config
+    monkeypatch.delenv("IRZSQ_DEVICE", raising=False)
+    assert config.device("tiny").type == "cpu"
+    assert config.device("paper").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("IRZSQ_DEVICE", "cpu")
+    assert config.device("paper").type == "cpu"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("IRZSQ_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="unset IRZSQ_DEVICE"):
+            config.device("tiny")
