@@ -12,7 +12,7 @@ from itertools import combinations
 import pandas as pd
 import yaml
 
-from helpers import runs
+from helpers import quant, runs
 
 REFERENCE = runs.ROOT / "params" / "paper_reference.yaml"
 PAPER_SETTING = "W8A8"
@@ -35,11 +35,10 @@ def source_label(params: dict) -> str:
 
 
 def calibration_runs(**match) -> list[runs.Run]:
-    """Finished 04 runs matching `match`, the newest one per (stage, source)."""
-    newest = {}
-    for run in runs.list_runs("04_quantize_evaluate", **match):  # oldest first
-        newest[(run.params["STAGE"], source_label(run.params))] = run
-    return [newest[key] for key in sorted(newest, key=_display_order)]
+    """Finished 04 runs matching `match`, grouped by (stage, source) in display order, oldest first
+    within a group (so that `collect_rows` keeps the newest measurement of a repeated row)."""
+    found = runs.list_runs("04_quantize_evaluate", **match)  # oldest first; sorted() is stable
+    return sorted(found, key=lambda run: _display_order((run.params["STAGE"], source_label(run.params))))
 
 
 STAGE_ORDER = ("finetune", "pretrain")
@@ -82,8 +81,64 @@ def collect_rows(calibration: list[runs.Run]) -> pd.DataFrame:
     if not frames:
         raise FileNotFoundError("no finished 04_quantize_evaluate runs: run the batch first (`make reproduce`)")
     rows = pd.concat(frames, ignore_index=True)
+    # a row measured again by a newer run (same detector, source, setting, batch and iteration) counts once
+    rows = rows.drop_duplicates(["stage", "source", "setting", "batch", "iteration"], keep="last", ignore_index=True)
     rows["mAP"] = rows["AP"] * 100
     return rows
+
+
+def calibrator_table(setting: str, stage: str = "finetune", **match) -> pd.DataFrame:
+    """mAP (points) per activation calibrator and source at one setting, over the calibration batches
+    that every (calibrator, source) pair measured, so each cell averages the same images."""
+    frames = []
+    for run in runs.list_runs("04_quantize_evaluate", STAGE=stage, **match):
+        if run.params.get("DISTILL_CLAMP", True) is False or run.params.get("DISTILL_LOSS", "mean") != "mean":
+            continue
+        frame = collect_rows([run])
+        frame = frame[frame["final"] & (frame["setting"] == setting)].assign(calibrator=run.params["CALIBRATOR"])
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if rows.empty:
+        raise FileNotFoundError(f"no finished 04_quantize_evaluate runs of the {stage} detector at {setting}")
+    shared = set.intersection(*(set(g["batch"]) for _, g in rows.groupby(["calibrator", "source"])))
+    rows = rows[rows["batch"].isin(shared)]
+    table = rows.groupby(["calibrator", "source"], sort=False)["mAP"].agg(["mean", "std", "count"]).reset_index()
+    table["first_layer_amax"] = rows.groupby(["calibrator", "source"], sort=False)["first_layer_amax"].mean().values
+    order = table.assign(c=table["calibrator"].map(quant.CALIBRATORS.index),
+                         s=table["source"].map(lambda source: _rank(SOURCE_ORDER, source)))
+    return order.sort_values(["c", "s"]).drop(columns=["c", "s"]).reset_index(drop=True)
+
+
+DETECTOR_PARTS = (("backbone.body", "backbone body"), ("backbone.fpn", "FPN"),
+                  ("head.classification_head", "classification head"), ("head.regression_head", "regression head"))
+
+
+def range_ratios(ranges: dict[str, dict[str, float]], reference: str = "real") -> pd.DataFrame:
+    """Per detector part: median, min and max over its layers of each source's calibrated clipping
+    value divided by the reference source's (below 1: a tighter range, so finer steps but more clipping)."""
+    records = []
+    for prefix, part in DETECTOR_PARTS:
+        layers = [name for name in ranges[reference] if name.startswith(prefix)]
+        for source, values in ranges.items():
+            if source == reference or not layers:
+                continue
+            ratios = pd.Series([values[name] / ranges[reference][name] for name in layers])
+            records.append({"part": part, "layers": len(layers), "source": source, "median_ratio": ratios.median(),
+                            "min_ratio": ratios.min(), "max_ratio": ratios.max()})
+    return pd.DataFrame(records)
+
+
+def calibrator_rankings(table: pd.DataFrame) -> pd.DataFrame:
+    """Per calibrator: sources by mean mAP, best first, and whether adjacent ones differ by more than their std."""
+    records = []
+    for calibrator, part in table.groupby("calibrator", sort=False):
+        part = part.sort_values("mean", ascending=False)
+        gaps = part["mean"].diff(-1).abs().iloc[:-1].to_numpy()
+        spreads = part["std"].rolling(2).max().shift(-1).iloc[:-1].to_numpy()
+        records.append({"calibrator": calibrator, "ranking": " > ".join(part["source"]),
+                        "best_minus_worst": float(part["mean"].iloc[0] - part["mean"].iloc[-1]),
+                        "adjacent_separated": bool((gaps > spreads).all())})
+    return pd.DataFrame(records)
 
 
 def fp32_map(calibration: list[runs.Run]) -> dict[str, float]:

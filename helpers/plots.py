@@ -177,7 +177,8 @@ def load(batch: str = "tiny", profile: str | None = None) -> Stored:
         stored.comparison = comparison.metrics()
     calibration = [_run(e) for e in entries if e["notebook"] == "04_quantize_evaluate"]
     if stored.comparison:  # exactly the runs the comparison compared, so figures and tables agree
-        compared = set(stored.comparison.get("runs", {}).values())
+        listed = stored.comparison.get("runs", [])
+        compared = set(listed.values() if isinstance(listed, dict) else listed)  # dict: results before Nov 2026
         calibration = [r for r in calibration if r.id in compared]
     if calibration:
         stored.rows = compare.collect_rows(calibration)

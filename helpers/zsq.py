@@ -88,6 +88,25 @@ def load_distilled(run: runs.Run) -> dict[int, torch.Tensor]:
     return torch.load(run.path("distilled.pt"), weights_only=True)
 
 
+def first_batches(detector: runs.Run, model: torch.nn.Module, seed: int = 0, batch_size: int = 8,
+                  **distilled_match) -> dict[str, tuple[torch.Tensor | list, bool]]:
+    """Batch 0 of each source exactly as notebook 04 builds it: {source: (images, normalized)}.
+    The distilled batch comes from the 03 run matching `distilled_match` (final iteration)."""
+    snapshots = load_distilled(runs.find_run("03_distill_calibration_data", STAGE=detector.params["STAGE"],
+                                             SEED=seed, DATA_ROOT=detector.params["DATA_ROOT"], **distilled_match))
+    return {"real": (real_batches(training_set(detector), 1, batch_size)[0], False),
+            "distilled": (split_batches(snapshots[max(snapshots)], batch_size, 1)[0], True),
+            "gaussian": (gaussian_batches(1, batch_size, image_size(model), seed)[0], True)}
+
+
+def calibrated_ranges(model: torch.nn.Module, batch, normalized: bool, a_bits: int = 8,
+                      calibrator: str = "percentile", percentile: float = 99.99) -> dict[str, float]:
+    """Clipping value (amax) of every layer input after calibrating a copy of `model` on `batch`."""
+    q = quant.quantize_model(model, 8, a_bits, calibrator, percentile)
+    quant.calibrate(q, [batch], normalized=normalized, progress=False)
+    return {name: float(quantizer.hi) for name, quantizer in quant.input_quantizers(q).items()}
+
+
 def first_layer_range(model: torch.nn.Module) -> float:
     """Calibrated clipping value of the first conv's input quantizer (the distilled-pixel-range check)."""
     name, quantizer = next(iter(quant.input_quantizers(model).items()))

@@ -45,9 +45,9 @@ def _distillation(stage: str, loss: str, clamp: bool, rng) -> dict:
 
 
 def _calibration(stage: str, source: str, rng, loss: str = "mean", clamp: bool = True,
-                 settings=("W8A8", "W4A4"), calibrator: str = "percentile") -> dict:
+                 settings=("W8A8", "W4A4"), calibrator: str = "percentile", **extra) -> dict:
     params = {"PROFILE": "tiny", "SEED": 0, "STAGE": stage, "SOURCE": source, "DISTILL_LOSS": loss,
-              "DISTILL_CLAMP": clamp, "CALIB_BATCH": 8, "CALIBRATOR": calibrator}
+              "DISTILL_CLAMP": clamp, "CALIB_BATCH": 8, "CALIBRATOR": calibrator, **extra}
     grid = [(s, ITERATIONS if source == "distilled" else None, b) for s in settings for b in range(FINAL_BATCHES[stage])]
     if source == "distilled" and clamp:
         grid += [(settings[0], it, b) for it in SWEEP for b in range(2)]
@@ -80,7 +80,7 @@ def tree():
     spread = compare.spread_table(rows)
     comparison = {"table1": compare.records(compare.table1(rows, compared)), "spread": compare.records(spread),
                   "sweep": compare.records(compare.sweep_table(rows)), "claims": compare.records(compare.claims(rows, compared)),
-                  "runs": {f"{r.params['STAGE']}/{compare.source_label(r.params)}": r.id for r in compared}}
+                  "runs": [r.id for r in compared]}
     entries += [stale] + calibration + [_write_run("06_compare_calibration", {"PROFILE": "tiny", "SEED": 0}, comparison)]
     runs.atomic_write_json(runs.results_dir() / "manifest.json", {"batches": {"tiny": entries}})
     return {"entries": entries, "calibration": calibration, "stale": stale}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import data, distill, models, runs, zsq
+from helpers import data, distill, models, quant, runs, zsq
 
 torch.set_num_threads(1)
 
@@ -88,3 +88,13 @@ def test_pixel_statistics(detector):
     outside = high.expand(2, 3, 8, 8) + 1
     stats = zsq.pixel_statistics(outside, detector)
     assert stats["out_of_range"] == 1 and stats["absmax"] == pytest.approx(float(high.max()) + 1)
+
+
+def test_calibrated_ranges_cover_every_layer_and_follow_the_batch():
+    from helpers import models
+    torch.manual_seed(0)
+    model = models.build_detector("retinanet_resnet18_fpn_tiny", 4, 64, 80).eval()
+    small = zsq.calibrated_ranges(model, torch.randn(2, 3, 64, 80) * 0.5, normalized=True, a_bits=4)
+    large = zsq.calibrated_ranges(model, torch.randn(2, 3, 64, 80) * 2.0, normalized=True, a_bits=4)
+    assert len(small) == len(quant.quant_layers(quant.quantize_model(model, 8, 8)))
+    assert large["backbone.body.conv1"] > 3 * small["backbone.body.conv1"]  # the input itself, 4x wider
