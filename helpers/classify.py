@@ -7,12 +7,18 @@ no box, resizes them to `size` x `size`, replicates the gray channel 3 times and
 `max_per_class` (deterministic by `seed`). `build_classifier` is the ResNet-18 topology (BasicBlock
 [2, 2, 2, 2], BatchNorm kept) with a 3x3 stride-1 stem, no max-pool, and narrow widths
 (`width`, 2w, 4w, 8w), so that `helpers.dfmpc.find_pairs` finds its BasicBlock conv1 -> conv2 links.
+
+`thermal_patch_task` (tiny profile) cuts the sets and trains the classifier once, storing its
+weights; `imagenet_task` (paper profile) loads torchvision's ImageNet ResNet-18 / ResNet-50 and an
+ImageNet validation folder, and says what to download when either is missing. Both return a
+`ClassifierTask` (model, val set, a few calibration images for the data-fit diagnostic).
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
-from helpers.data import split_paths
+from helpers.data import DatasetError, split_paths
+from helpers.models import WeightsMissing
+from helpers.runs import atomic_torch_save, atomic_write_json, resolve_path
 
 PATCH_CLASSES = ("person", "bicycle", "car", "dog", "background")
 FLIR_CATEGORY_TO_LABEL = {1: 0, 2: 1, 3: 2, 18: 3}  # COCO / FLIR category id -> patch label
@@ -171,7 +179,7 @@ def build_classifier(num_classes: int = len(PATCH_CLASSES), width: int = 16, lay
 
 # --------------------------------------------------------------------------- training / evaluation
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and +-4 px translation (zero pad), per sample."""
+    """Random horizontal flip and +-4 px translation (edge-replicated border), per sample."""
     flip = torch.rand(x.shape[0], generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     p = 4
@@ -224,17 +232,156 @@ def train_classifier(model: nn.Module, train_set: Dataset, epochs: int = 5, lr: 
     return {"losses": losses, "epoch_loss": epoch_loss, "seconds": time.perf_counter() - t0}
 
 
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU (the paper profile's ImageNet models; the tiny task stays on the CPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
-def predict(model: nn.Module, data: Dataset, batch_size: int = 256) -> torch.Tensor:
-    """Predicted labels (eval mode; the model's train/eval state is restored)."""
+def predict(model: nn.Module, data: Dataset, batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels, true labels) on the model's device, in eval mode (its train/eval state is restored)."""
     was = model.training
     model.eval()
-    out = [model(x).argmax(1) for x, _ in DataLoader(data, batch_size=batch_size)]
+    device = next(model.parameters()).device
+    preds, labels = [], []
+    for x, y in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
+        preds.append(model(x.to(device)).argmax(1).cpu())
+        labels.append(y)
     model.train(was)
-    return torch.cat(out)
+    return torch.cat(preds), torch.cat(labels)
 
 
-def top1(model: nn.Module, val_set: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy in [0, 1]."""
-    labels = torch.cat([y for _, y in DataLoader(val_set, batch_size=batch_size)])
-    return float((predict(model, val_set, batch_size) == labels).float().mean())
+def top1(model: nn.Module, val_set: Dataset, batch_size: int = 256, num_workers: int = 0) -> float:
+    """Top-1 accuracy in [0, 1] (on the model's device)."""
+    preds, labels = predict(model, val_set, batch_size, num_workers)
+    return float((preds == labels).float().mean())
+
+
+@torch.no_grad()
+def forward_all(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> None:
+    """Push `images` through the model (eval mode, on its device), e.g. to feed forward hooks."""
+    device = next(model.parameters()).device
+    for i in range(0, len(images), batch_size):
+        model(images[i:i + batch_size].to(device))
+
+
+def calibration_images(data: Dataset, n: int, seed: int = 0, stack: bool = True) -> torch.Tensor | list[torch.Tensor]:
+    """`n` images of `data` (all if it has fewer) picked by a seeded permutation, for the data-fit
+    diagnostic: one tensor, or a list when `stack=False` (detection images may differ in size)."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    images = [data[int(i)][0] for i in idx]
+    return torch.stack(images) if stack else images
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass
+class ClassifierTask:
+    """A classifier to quantize, its validation set and a few calibration images (data-fit diagnostic only)."""
+    name: str
+    model: nn.Module
+    val_set: Dataset
+    calibration: torch.Tensor
+    info: dict = field(default_factory=dict)  # stable facts to print and store (counts, training loss)
+    num_workers: int = 0
+    device: str = "cpu"  # the tiny task stays on the CPU, whose results the committed notebook shows
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """{"top1": accuracy in [0, 1]} on `val_set`, with the model moved to `device`."""
+        return {"top1": top1(model.to(self.device), self.val_set, num_workers=self.num_workers)}
+
+    def calibrate(self, model: nn.Module) -> None:
+        forward_all(model, self.calibration)
+
+
+def thermal_patch_task(data_root: str | Path, weights_path: str | Path, size: int = 48, max_per_class: int = 300,
+                       val_per_class: int | None = 150, width: int = 16, epochs: int = 6, lr: float = 3e-3,
+                       seed: int = 0, n_calibration: int = 256, progress: bool | None = None) -> ClassifierTask:
+    """The tiny-profile classifier: patches of the FLIR-layout train split (seed `seed`, `max_per_class`)
+    and val split (seed + 1, `val_per_class`), and a `SmallResNet` (initialised and trained with
+    `seed`) trained on them once: its weights go to `weights_path` and its per-epoch loss to the same
+    name with `.json`; both are loaded, not retrained, when they exist. `info` holds the patch counts
+    and the per-epoch mean training loss. Cutting the patches takes seconds and shows no progress bar
+    (a notebook would keep its widget as output); `progress` applies to the training bar."""
+    train_set = build_patch_set(data_root, "train", size, seed, max_per_class, progress=False)
+    val_set = build_patch_set(data_root, "val", size, seed + 1, val_per_class, progress=False)
+    torch.manual_seed(seed)  # the initial weights
+    model = build_classifier(len(PATCH_CLASSES), width)
+    path = resolve_path(weights_path)
+    log = path.with_suffix(".json")
+    if path.exists() and log.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        history = train_classifier(model, train_set, epochs, lr, seed, progress=progress)
+        atomic_write_json(log, {"epoch_loss": history["epoch_loss"]})
+        atomic_torch_save(path, model.state_dict())
+    info = {"patches_train": train_set.counts(), "patches_val": val_set.counts(),
+            "epoch_loss": json.loads(log.read_text())["epoch_loss"]}
+    return ClassifierTask("thermal_patches", model.eval(), val_set, calibration_images(train_set, n_calibration, seed), info)
+
+
+IMAGENET_ARCHS = ("resnet18", "resnet50")
+
+
+def imagenet_classifier(arch: str) -> nn.Module:
+    """torchvision's ImageNet ResNet (IMAGENET1K_V1) from the local torch hub cache; never downloads.
+
+    The paper's weights came from pytorchcv, whose ResNet-18 is stronger (71.47 vs 69.76 top-1), so
+    expect small differences from its Table 3.
+    """
+    import torchvision
+    if arch not in IMAGENET_ARCHS:
+        raise ValueError(f"arch must be one of {IMAGENET_ARCHS}, got {arch!r}")
+    weights = torchvision.models.get_weight(f"{'ResNet18' if arch == 'resnet18' else 'ResNet50'}_Weights.IMAGENET1K_V1")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise WeightsMissing(
+            f"ImageNet {arch} weights not found at {path}.\n"
+            f"Download {weights.url} on a machine with internet access and copy it there "
+            f"(or set TORCH_HOME so that $TORCH_HOME/hub/checkpoints/{path.name} exists).")
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def imagenet_val_set(root: str | Path, limit: int = 0, seed: int = 0) -> Dataset:
+    """The ILSVRC2012 validation images as an ImageFolder (1000 WordNet-id folders, sorted = torchvision's
+    class order), resized to 256 and centre-cropped to 224, normalised. `limit` > 0 keeps that many
+    images picked by a seeded permutation (0: all 50,000)."""
+    from torchvision import datasets, transforms
+    path = resolve_path(root)
+    folders = sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    if len(folders) != 1000 or not all(f.startswith("n") for f in folders):
+        raise DatasetError(
+            f"ImageNet validation folder not found at {path} (expected 1000 class folders named by WordNet id, "
+            f"found {len(folders)}).\nDownload ILSVRC2012_img_val.tar (6.3 GB) and the devkit from "
+            f"https://image-net.org/download-images.php (account needed), extract the 50,000 JPEGs and sort them "
+            f"into n01440764/ ... n15075141/ (e.g. with the widely used valprep.sh), then pass that folder as IMAGENET_VAL.")
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    data = datasets.ImageFolder(str(path), tf)
+    if limit:
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+        data = torch.utils.data.Subset(data, sorted(idx.tolist()))
+    return data
+
+
+def imagenet_task(arch: str, val_root: str | Path, limit: int = 0, seed: int = 0, n_calibration: int = 256,
+                  num_workers: int = 8) -> ClassifierTask:
+    """The paper-profile classifier: torchvision ImageNet weights and the ImageNet val folder, both checked
+    before anything runs (one error names everything missing). Calibration images for the data-fit
+    diagnostic come from the val set."""
+    problems, missing_data = [], False
+    try:
+        model = imagenet_classifier(arch)
+    except WeightsMissing as err:
+        problems.append(str(err))
+    try:
+        val_set = imagenet_val_set(val_root, limit, seed)
+    except DatasetError as err:
+        problems.append(str(err))
+        missing_data = True
+    if problems:
+        raise (DatasetError if missing_data else WeightsMissing)("\n\n".join(problems))
+    device = str(default_device())
+    return ClassifierTask(arch, model.to(device), val_set, calibration_images(val_set, n_calibration, seed),
+                          {"val_images": len(val_set)}, num_workers, device)

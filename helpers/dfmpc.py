@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from helpers import runs
 
 LowBits = str | int
 MODES = ("dfmpc", "naive")
@@ -417,11 +419,11 @@ def _identity(model: nn.Module) -> nn.Module:
 def evaluate_settings(model: nn.Module, settings: list[Setting], evaluate: Callable[[nn.Module], dict],
                       metric: str, target: Callable[[nn.Module], nn.Module] | None = None,
                       calibrate: Callable[[nn.Module], object] | None = None, rows_path: str | Path | None = None,
-                      part: str = "", quantize_other: bool = True) -> list[dict]:
+                      part: str = "", quantize_other: bool = True, keep: tuple[str, ...] | None = None) -> list[dict]:
     """Measure every setting on a quantized COPY of `model` (the input model is never modified).
 
     evaluate(model) -> {metric name: float, ...}; `metric` names the headline one, also stored as
-    "metric". target(model) picks the ResNet that is quantized (default: the model itself;
+    "metric"; `keep` limits the stored metrics to those names. target(model) picks the ResNet that is quantized (default: the model itself;
     `lambda m: m.backbone.body` for a detector, whose other parts then stay FP32). calibrate(model)
     pushes data through the FP32 model, needed only by "data-fit" settings. Each row holds the key of
     its setting, its label, the metrics, `size_mb` (the quantized part's weights at their widths plus
@@ -430,8 +432,6 @@ def evaluate_settings(model: nn.Module, settings: list[Setting], evaluate: Calla
     appended to that JSONL file as they are measured and rows already there (same `part` and key) are
     reused, so a rerun resumes and repeats nothing.
     """
-    from helpers import runs  # floor 1; imported here to keep this module importable on its own
-
     target = target or _identity
     if any(s.mode == "data-fit" for s in settings) and calibrate is None:
         raise ValueError("'data-fit' settings need calibrate(model)")
@@ -461,6 +461,7 @@ def evaluate_settings(model: nn.Module, settings: list[Setting], evaluate: Calla
             if s.mode != "naive":
                 c_stats = report["c"]
         metrics = evaluate(q)
+        metrics = {k: float(v) for k, v in metrics.items() if keep is None or k in keep or k == metric}
         row = {**key, "setting": s.label, **metrics, "metric": metrics[metric], "size_mb": size_mb,
                "mean_c": c_stats["mean"], "sd_c": c_stats["sd"]}
         if rows_path:
@@ -492,6 +493,32 @@ def recovered_fraction(rows: list[dict], metric: str = "metric") -> dict[str, di
     return out
 
 
+def summarize(rows: list[dict], data_fit_rows: list[dict], diagnostics: dict[str, dict], metric: str) -> dict:
+    """The JSON-small record of one model for metrics.json: the Table rows, the data-fit rows, the
+    recovered share per low bit width and mode, and the totals of `scale_diagnostics` per low bit width."""
+    return {"metric": metric, "rows": rows, "data_fit": data_fit_rows,
+            "recovered": recovered_fraction(rows + data_fit_rows, metric),
+            "diagnostics": {low: {k: d[k] for k in ("relative_error", "removable", "cosine", "sd_c")}
+                            for low, d in diagnostics.items()}}
+
+
+def ablation_rows(rows: list[dict], which: str, metric: str) -> list[dict]:
+    """[{which: lambda, "low_bits": ..., metric: ...}] from DF-MPC rows (for metrics.json and plots)."""
+    return [{which: r[which], "low_bits": r["low_bits"], metric: r[metric]} for r in rows if r["mode"] == "dfmpc"]
+
+
+def paper_line(model: str) -> str:
+    """The paper's closest numbers for `model` ("thermal_patches", "resnet18", "resnet50"), as one line."""
+    ref = PAPER_REFERENCE
+    if model in ref["imagenet"]:
+        r = ref["imagenet"][model]
+        return (f"paper, ImageNet {model} (pytorchcv weights): FP32 {r['fp32']} ({r['fp32_mb']} MB) | "
+                f"DF-MPC 2/6 {r['dfmpc_2_6']} ({r['dfmpc_2_6_mb']} MB); no naive row reported")
+    fp, naive, ours = ref["cifar10_mp2_6"]["resnet18"]
+    return (f"paper, CIFAR-10 ResNet-18 (closest to a small ResNet-18 classifier): FP32 {fp} | naive 2/6 {naive} | "
+            f"DF-MPC 2/6 {ours} (top-1 %)")
+
+
 def format_rows(rows: list[dict], columns: list[str], digits: int = 3) -> str:
     """A fixed-width text table of `columns` (floats rounded), for stable notebook prints."""
     def cell(v):
@@ -515,42 +542,3 @@ PAPER_REFERENCE = {
     "resnet18_seconds": "about 2 s on one GTX 1080 Ti",
 }
 
-
-# --------------------------------------------------------------------------- experiment rows (notebook 05)
-def compare_settings(model: nn.Module, evaluate, low_bits_list, high_bits: int = 6, lambda1: float = 0.5,
-                     lambda2: float = 0.0, quantize_other: bool = True, target=None,
-                     modes=("naive", "dfmpc")) -> list[dict]:
-    """The paper's Table 1/2 rows on one model: FP32, then naive and DF-MPC for every low bit width.
-
-    `evaluate(model) -> float` measures a copy (top-1, mAP); `target(model)` picks the ResNet that is
-    quantized (default: the model itself; `lambda m: m.backbone.body` for a detector). Each row holds
-    the metric, the quantized part's size in MiB (FP32 row: its FP32 size) and the mean c over pairs.
-    The input model is never modified. Arguments are checked before any evaluation.
-    """
-    for low in low_bits_list:
-        _check_args(low, high_bits, "dfmpc", "bn", lambda1, lambda2)
-    target = target or (lambda m: m)
-    fp32_mib = sum(p.numel() for p in target(model).parameters()) * 32 / (8 * 2 ** 20)
-    rows = [{"setting": "FP32", "low_bits": "fp32", "high_bits": "fp32", "mode": "fp32", "metric": evaluate(model),
-             "size_mib": fp32_mib, "mean_c": 1.0}]
-    for low in low_bits_list:
-        for mode in modes:
-            q = copy.deepcopy(model)
-            report = compensate(target(q), low, high_bits, lambda1, lambda2, mode, "bn", quantize_other)
-            label = f"{'DF-MPC' if mode == 'dfmpc' else 'naive'} {storage_bits(low)}/{high_bits}" + (" (TWN)" if low == "ternary" else "")
-            rows.append({"setting": label, "low_bits": str(low), "high_bits": high_bits, "mode": mode,
-                         "metric": evaluate(q), "size_mib": report["size"]["total_mib"],
-                         "mean_c": sum(p["mean_c"] for p in report["pairs"]) / len(report["pairs"])})
-    return rows
-
-
-def recovered_fraction(rows: list[dict]) -> dict[str, float | None]:
-    """Per low bit width: (DF-MPC - naive) / (FP32 - naive), the share of the naive drop DF-MPC wins back."""
-    fp32 = rows[0]["metric"]
-    by = {(r["low_bits"], r["mode"]): r["metric"] for r in rows[1:]}
-    out = {}
-    for low in dict.fromkeys(r["low_bits"] for r in rows[1:]):
-        naive, dfmpc = by.get((low, "naive")), by.get((low, "dfmpc"))
-        drop = None if naive is None else fp32 - naive
-        out[low] = None if dfmpc is None or not drop or drop <= 0 else (dfmpc - naive) / drop
-    return out

@@ -254,6 +254,16 @@ def table_sources_bits(stored: Stored) -> pd.DataFrame:
                          | {"count": "batches"})
 
 
+def table_calibrators(stored: Stored) -> pd.DataFrame:
+    """Notebook 06, section 8.1: mAP per activation calibrator and calibration source at the probe setting,
+    over the same batches (mean, std, batches) and the first layer's calibrated clipping value."""
+    table = pd.DataFrame(stored.need("comparison").get("calibrators") or [])
+    if table.empty:
+        raise MissingResults("the comparison run stored no calibrator probe (notebook 06, section 8)")
+    return table[["calibrator", "source", "mean", "std", "count", "first_layer_amax"]].rename(
+        columns={"mean": f"mAP mean ({stored.profile})", "std": f"mAP std ({stored.profile})", "count": "batches"})
+
+
 def table_claims(stored: Stored) -> pd.DataFrame:
     """The paper's claims, its number, ours and whether the claim holds by the stated rule (notebook 06's `claims`)."""
     claims = pd.DataFrame(stored.need("comparison").get("claims") or [])
@@ -262,18 +272,27 @@ def table_claims(stored: Stored) -> pd.DataFrame:
     return claims
 
 
+DFMPC_COLUMNS = ("part", "setting", "top1", "AP", "AP50", "size_mb", "mean_c", "sd_c")
+
+
 def dfmpc_table(stored: Stored) -> pd.DataFrame:
-    """DF-MPC results of notebook 05: its classifier and detector rows as stored, labelled by part."""
+    """DF-MPC results of notebook 05: per part (classifier, detector) its Table 1/2 rows, then its
+    data-fit rows (c fitted on data: a diagnostic, not DF-MPC), as stored. The reading columns come
+    first (setting, metrics, size, c); the headline "metric" column, a copy of top1 / AP, is dropped."""
     metrics = stored.need("dfmpc")
     frames = []
     for part in ("classifier", "detector"):
-        rows = (metrics.get(part) or {}).get("rows") or []
+        stored_part = metrics.get(part) or {}
+        rows = (stored_part.get("rows") or []) + (stored_part.get("data_fit") or [])
         if rows:
             frames.append(pd.DataFrame(rows).assign(part=part))
     if not frames:
         raise MissingResults(f"the {DFMPC_NOTEBOOK} run stored no classifier or detector rows")
     table = pd.concat(frames, ignore_index=True)
-    return table[["part"] + [c for c in table.columns if c != "part"]]
+    if any(c in table.columns for c in ("top1", "AP")):
+        table = table.drop(columns="metric", errors="ignore")
+    first = [c for c in DFMPC_COLUMNS if c in table.columns]
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 def dfmpc_ablation_data(stored: Stored, which: str = "lambda1") -> pd.DataFrame:
@@ -574,25 +593,53 @@ def fig_sources_bits(stored: Stored, stage: str = "finetune"):
 
 
 # --------------------------------------------------------------------------- DF-MPC ablation
+def _dfmpc_label(rows: list[dict], low_bits, mode: str = "dfmpc") -> str:
+    """The stored setting label of (`low_bits`, `mode`) in `rows` (e.g. "DF-MPC 2/6 (TWN)"), else a plain one."""
+    for r in rows:
+        if str(r.get("low_bits")) == str(low_bits) and r.get("mode") == mode and r.get("setting"):
+            return r["setting"]
+    return f"{'DF-MPC' if mode == 'dfmpc' else mode} {low_bits}"
+
+
 @styled
 def fig_dfmpc_lambda(stored: Stored, which: str = "lambda1"):
-    """DF-MPC ablation: the stored metric(s) against lambda1 or lambda2 (notebook 05)."""
+    """DF-MPC ablation (notebook 05, on its classifier): the stored metric against lambda1 or lambda2, one
+    line per low bit width, with that width's naive (c = 1) result dashed and FP32 dotted where stored,
+    and the paper's choice of lambda marked."""
+    metrics = stored.need("dfmpc")
     data = dfmpc_ablation_data(stored, which)
+    symbol = f"$\\lambda_{which[-1]}$" if which[-1].isdigit() else which
     x = which if which in data.columns else next((c for c in data.columns if "lambda" in c.lower()), data.columns[0])
     groups = [c for c in data.columns if c != x and not pd.api.types.is_numeric_dtype(data[c])]
-    metrics = [c for c in data.select_dtypes("number").columns if c != x and "lambda" not in c.lower()]
-    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    values = [c for c in data.select_dtypes("number").columns if c != x and "lambda" not in c.lower()]
+    classifier = metrics.get("classifier") or {}
+    rows = classifier.get("rows") or []
+    model = classifier.get("model")
+    fig = Figure(figsize=(7.4, 3.8), layout="constrained")
     ax = fig.subplots()
-    for metric in metrics:
+    for metric in values:
         parts = data.groupby(groups, sort=False) if groups else [((), data)]
         for key, part in parts:
             key = key if isinstance(key, tuple) else (key,)
-            label = ", ".join([metric, *map(str, key)])
+            low = key[0] if "low_bits" in groups else None
+            label = _dfmpc_label(rows, low) if low is not None else ", ".join([metric, *map(str, key)])
             part = part.sort_values(x)
-            ax.plot(part[x], part[metric], "o-", ms=4, label=label)
-    ax.set_xlabel(f"$\\lambda_{which[-1]}$" if which[-1].isdigit() else which)
-    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "metric")
-    fig.suptitle(f"DF-MPC ablation of {which}\n[{stored.ours}]", fontsize="medium")
+            (line,) = ax.plot(part[x], part[metric], "o-", ms=4, label=label)
+            naive = [r[metric] for r in rows if r.get("mode") == "naive" and str(r.get("low_bits")) == str(low) and metric in r]
+            if low is not None and naive:
+                ax.axhline(naive[0], color=line.get_color(), ls="--", lw=1.2,
+                           label=f"{_dfmpc_label(rows, low, 'naive')} (c = 1)")
+    fp32 = [r[values[0]] for r in rows if r.get("mode") == "fp32" and values and values[0] in r]
+    if fp32:
+        ax.axhline(fp32[0], color="0.2", ls=":", lw=1.2, label="FP32")
+    paper = (metrics.get("paper_reference") or {}).get(which)
+    if isinstance(paper, (int, float)):
+        ax.axvline(paper, color="0.6", lw=6, alpha=0.3, zorder=0, label=f"paper's choice ({symbol} = {paper:g})")
+    ax.set_xlabel(symbol)
+    ylabel = {"top1": "top-1 accuracy"}.get(values[0], values[0]) if len(values) == 1 else "metric"
+    ax.set_ylabel(f"{ylabel}, classifier" if model is None else f"{ylabel}\n(classifier: {model})")
+    ours = f"ours: profile {stored.profile}" + (f", classifier {model}" if model else "")
+    fig.suptitle(f"DF-MPC ablation of {symbol} (weights only, activations FP32)\n[{ours}]", fontsize="medium")
     if ax.get_legend_handles_labels()[0]:
         _legend(fig, ax)
     return fig
@@ -666,18 +713,31 @@ def markdown(table: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_table(table: pd.DataFrame, name: str, out_dir: str | Path = "results/figures", caption: str = "") -> list[Path]:
-    """Write `name`.csv (values as stored) and `name`.md (caption, then the table rounded for reading)."""
+def save_table(table: pd.DataFrame, name: str, out_dir: str | Path = "results/figures", caption: str = "",
+               digits: int = 2) -> list[Path]:
+    """Write `name`.csv (values as stored) and `name`.md (caption, then the table rounded to `digits` for reading)."""
     out = output_dir(out_dir)
     csv = table.to_csv(index=False, lineterminator="\n")
-    md = (f"{caption}\n\n" if caption else "") + markdown(table)
+    md = (f"{caption}\n\n" if caption else "") + markdown(table, digits)
     return [_write_bytes(out / f"{name}.csv", csv.encode()), _write_bytes(out / f"{name}.md", md.encode())]
 
 
 # --------------------------------------------------------------------------- every artifact
-def _caption(title: str, stored: Stored) -> str:
+def _caption(title: str, stored: Stored, name: str = "") -> str:
+    if name in TABLE_NOTES:
+        return f"**{title}** Ours: profile {stored.profile}, batch `{stored.batch}`. {TABLE_NOTES[name]}"
     return (f"**{title}** Ours: profile {stored.profile} ({stored.arch}), batch `{stored.batch}`; mAP in points (COCO mAP@[.5:.95] x 100). "
             f"Paper columns: {PAPER_MODEL} as reported (`params/paper_reference.yaml`).")
+
+
+# tables whose caption is not the generic one (their own units, no paper columns), and their Markdown digits
+TABLE_NOTES = {
+    "dfmpc_table": "Weights only, activations FP32. top1 (classifier) and AP / AP50 (detector, COCO mAP, only its "
+                   "ResNet body quantized) are fractions in [0, 1], as notebook 05 prints them; size_mb in MiB (the "
+                   "quantized part); mean_c / sd_c: the applied compensation (c = 1 for naive). \"data-fit c\" rows fit "
+                   "c on data: a diagnostic, not DF-MPC. The paper's numbers: `helpers.dfmpc.PAPER_REFERENCE`.",
+}
+TABLE_DIGITS = {"dfmpc_table": 4}
 
 
 ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
@@ -685,6 +745,8 @@ ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
     "table1_map": ("table", table1, "Table 1: FP32 vs W8A8 zero-shot quantization, both detectors."),
     "table_sources_bits": ("table", table_sources_bits, "Every calibration source at every bit setting."),
     "table_claims": ("table", table_claims, "The paper's claims and ours."),
+    "table_calibrators_w8a4": ("table", table_calibrators, "Why Gaussian noise wins at W8A4 with the percentile rule: "
+                               "every activation calibrator with every source, fine-tuned detector, same batches."),
     "fig2a_map_vs_iterations_pretrained": ("figure", lambda s: fig2_map_vs_iterations(s, "pretrain"), ""),
     "fig2b_map_vs_iterations_finetuned": ("figure", lambda s: fig2_map_vs_iterations(s, "finetune"), ""),
     "fig2c_loss_pretrained": ("figure", lambda s: fig2_loss(s, "pretrain"), ""),
@@ -706,7 +768,7 @@ def make(name: str, stored: Stored, out_dir: str | Path = "results/figures"):
     kind, build, caption = ARTIFACTS[name]
     obj = build(stored)
     if kind == "table":
-        return obj, save_table(obj, name, out_dir, _caption(caption, stored))
+        return obj, save_table(obj, name, out_dir, _caption(caption, stored, name), TABLE_DIGITS.get(name, 2))
     return obj, save(obj, name, out_dir)
 
 

@@ -4,6 +4,8 @@ import torch
 from helpers import classify as C
 from helpers.dfmpc import find_pairs
 
+torch.set_num_threads(1)  # small tensors: threads only add overhead (and contention on a shared CPU)
+
 
 @pytest.fixture(scope="module")
 def patches(tiny_root):
@@ -65,3 +67,59 @@ def test_training_lowers_loss_and_is_deterministic(patches):
     acc = C.top1(m, sub)
     assert 0.0 <= acc <= 1.0 and acc == C.top1(m2, sub)
     assert not m.training
+
+
+def test_classes_are_balanced_up_to_the_cap(tiny_root):
+    full = C.build_patch_set(tiny_root, "train", size=16, seed=0, max_per_class=None, progress=False).counts()
+    capped = C.build_patch_set(tiny_root, "train", size=16, seed=0, max_per_class=3, progress=False).counts()
+    assert capped == {k: min(v, 3) for k, v in full.items()}
+
+
+def test_thermal_patch_task_trains_once_then_reuses(tiny_root, tmp_path, monkeypatch):
+    kwargs = dict(size=16, max_per_class=8, val_per_class=4, width=4, epochs=1, seed=0, n_calibration=5)
+    task = C.thermal_patch_task(tiny_root, tmp_path / "clf.pth", **kwargs)
+    assert (tmp_path / "clf.pth").exists() and len(task.info["epoch_loss"]) == 1
+    assert task.calibration.shape == (5, 3, 16, 16) and max(task.info["patches_val"].values()) <= 4
+    acc = task.evaluate(task.model)["top1"]
+    assert 0.0 <= acc <= 1.0
+    task.calibrate(task.model)  # runs without error
+    monkeypatch.setattr(C, "train_classifier", lambda *a, **k: pytest.fail("retrained a stored classifier"))
+    again = C.thermal_patch_task(tiny_root, tmp_path / "clf.pth", **kwargs)
+    assert again.info == task.info and again.evaluate(again.model)["top1"] == acc
+
+
+def test_imagenet_inputs_missing_say_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(C.WeightsMissing, match=r"resnet18-f37072fd\.pth"):
+        C.imagenet_classifier("resnet18")
+    with pytest.raises(ValueError):
+        C.imagenet_classifier("vgg16")
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    with pytest.raises(C.DatasetError, match="ILSVRC2012_img_val.tar"):
+        C.imagenet_val_set(tmp_path / "val")
+    with pytest.raises(C.DatasetError, match=r"(?s)resnet18-f37072fd\.pth.*found 0"):  # both named at once
+        C.imagenet_task("resnet18", tmp_path / "missing")
+
+
+def test_imagenet_task_runs_the_paper_path_on_stand_in_inputs(tmp_path, monkeypatch):
+    """The paper-profile path end to end, offline: a random ResNet-18 saved where torchvision's ImageNet
+    checkpoint would be, and a stand-in val folder (1000 WordNet-style classes, one small image each)."""
+    import torchvision
+    from PIL import Image
+
+    from helpers import dfmpc
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), ckpt)
+    for k in range(1000):
+        (tmp_path / "val" / f"n{k:08d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (k % 256, 0, 0)).save(tmp_path / "val" / f"n{k:08d}" / "x.png")
+    task = C.imagenet_task("resnet18", tmp_path / "val", limit=3, n_calibration=2, num_workers=0)
+    assert task.info == {"val_images": 3} and task.calibration.shape == (2, 3, 224, 224)
+    assert len(dfmpc.find_pairs(task.model)) == 8
+    settings = dfmpc.table_settings(["ternary"]) + [dfmpc.Setting.make("data-fit", "ternary")]
+    rows = dfmpc.evaluate_settings(task.model, settings, task.evaluate, "top1", calibrate=task.calibrate)
+    assert [r["setting"] for r in rows] == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "data-fit c 2/6 (TWN)"]
+    assert all(0.0 <= r["top1"] <= 1.0 for r in rows) and rows[1]["size_mb"] < rows[0]["size_mb"]

@@ -80,6 +80,7 @@ def tree():
     spread = compare.spread_table(rows)
     comparison = {"table1": compare.records(compare.table1(rows, compared)), "spread": compare.records(spread),
                   "sweep": compare.records(compare.sweep_table(rows)), "claims": compare.records(compare.claims(rows, compared)),
+                  "calibrators": compare.records(compare.calibrator_table("W4A4")),
                   "runs": [r.id for r in compared]}
     entries += [stale] + calibration + [_write_run("06_compare_calibration", {"PROFILE": "tiny", "SEED": 0}, comparison)]
     runs.atomic_write_json(runs.results_dir() / "manifest.json", {"batches": {"tiny": entries}})
@@ -272,3 +273,42 @@ def test_dfmpc_table_and_ablation_come_from_the_stored_run(tree):
     (line,) = fig.axes[0].lines
     assert list(line.get_xdata()) == [0.0, 0.5, 1.0] and list(line.get_ydata()) == [50.0, 50.5, 51.0]
     assert fig.axes[0].get_xlabel() == "$\\lambda_1$"
+
+
+def test_dfmpc_artifacts_from_the_rows_notebook_05_stores(tree):
+    """The structure `helpers.dfmpc.summarize` / `ablation_rows` write: Table rows plus data-fit rows, the
+    ablation per low bit width drawn against its naive line, FP32 and the paper's lambda."""
+    def row(mode, low, top1, setting):
+        return {"part": "classifier", "mode": mode, "low_bits": low, "high_bits": 6, "setting": setting,
+                "top1": top1, "metric": top1, "size_mb": 0.4, "mean_c": 1.0, "sd_c": 0.0}
+    rows = [row("fp32", "fp32", 0.8, "FP32"), row("naive", "ternary", 0.4, "naive 2/6 (TWN)"),
+            row("dfmpc", "ternary", 0.41, "DF-MPC 2/6 (TWN)")]
+    metrics = {"classifier": {"model": "thermal_patches", "rows": rows,
+                              "data_fit": [row("data-fit", "ternary", 0.6, "data-fit c 2/6 (TWN)")]},
+               "ablation": {"lambda1": [{"lambda1": v, "low_bits": "ternary", "top1": 0.4 + v / 100} for v in (0.0, 0.5, 1.0)]},
+               "paper_reference": {"lambda1": 0.5, "lambda2": 0.0}}
+    entry = _write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics)
+    manifest = runs.results_dir() / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["batches"]["tiny"].append(entry)
+    runs.atomic_write_json(manifest, data)
+    stored = plots.load("tiny")
+    table, files = plots.make("dfmpc_table", stored, "results/figures")
+    assert list(table["setting"]) == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "data-fit c 2/6 (TWN)"]
+    assert list(table.columns[:3]) == ["part", "setting", "top1"] and "metric" not in table.columns
+    md = files[1].read_text()
+    assert "fractions in [0, 1]" in md and "0.4100" in md and "mAP in points" not in md
+    fig = plots.fig_dfmpc_lambda(stored, "lambda1")
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["DF-MPC 2/6 (TWN)", "naive 2/6 (TWN) (c = 1)", "FP32", "paper's choice ($\\lambda_1$ = 0.5)"]
+    assert list(ax.lines[0].get_ydata()) == [0.4, 0.405, 0.41] and list(ax.lines[1].get_ydata()) == [0.4, 0.4]
+    assert "thermal_patches" in ax.get_ylabel() and "classifier thermal_patches" in fig.get_suptitle()
+
+
+def test_calibrator_table_is_the_stored_probe(tree):
+    table, files = plots.make("table_calibrators_w8a4", plots.load("tiny"), "results/figures")
+    stored = _comparison()["calibrators"]
+    assert list(table["calibrator"]) == [r["calibrator"] for r in stored] and {"max", "percentile"} <= set(table["calibrator"])
+    assert list(table["mAP mean (tiny)"]) == [r["mean"] for r in stored]
+    assert [p.name for p in files] == ["table_calibrators_w8a4.csv", "table_calibrators_w8a4.md"]
