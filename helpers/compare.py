@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from itertools import combinations
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -61,6 +62,30 @@ def image_colour(**match) -> dict[str, float]:
         stats = run.metrics()["pixel_statistics"]
         out[run.params["STAGE"]] = stats[max(stats, key=int)]["channel_spread"]
     return out
+
+
+# share of colour in a change whose three channels move independently (Gaussian): E|u - mean_c u| / E|u|
+INDEPENDENT_CHANNELS_COLOUR_SHARE = (2 / 3) ** 0.5
+
+
+def colour_of_change(**match) -> pd.DataFrame:
+    """Fig. 4 in numbers, from the stored previews (mean-only, clamped 03 runs): per detector and
+    iteration, the mean absolute pixel change since the initial noise and the share of it that is
+    colour (a gray change moves R, G and B alike: share 0; channels moving independently: about 0.82)."""
+    newest = {}
+    for run in runs.list_runs("03_distill_calibration_data", LOSS="mean", CLAMP=True, **match):  # oldest first
+        newest[run.params["STAGE"]] = run
+    records = []
+    for stage, run in sorted(newest.items(), key=lambda item: _rank(STAGE_ORDER, item[0])):
+        with np.load(run.path("preview.npz")) as previews:
+            frames = {int(key.split("_")[1]): previews[key].astype(np.float64) for key in previews.files}
+        start = frames.pop(min(frames))
+        for iteration in sorted(frames):
+            change = frames[iteration] - start  # (images, H, W, RGB) in pixel levels
+            colour = np.abs(change - change.mean(-1, keepdims=True)).mean()
+            records.append({"stage": stage, "iteration": iteration, "mean_abs_change": np.abs(change).mean(),
+                            "colour_share": colour / max(np.abs(change).mean(), 1e-12)})
+    return pd.DataFrame(records)
 
 
 def collect_rows(calibration: list[runs.Run]) -> pd.DataFrame:
@@ -224,7 +249,8 @@ def _claim(claim: str, paper, ours, holds: bool, rule: str) -> dict:
     return {"claim": claim, "paper": paper, "ours (tiny)": ours, "holds at tiny scale": bool(holds), "rule": rule}
 
 
-def claims(rows: pd.DataFrame, calibration: list[runs.Run], pixel_spread: dict[str, float] | None = None) -> pd.DataFrame:
+def claims(rows: pd.DataFrame, calibration: list[runs.Run], pixel_spread: dict[str, float] | None = None,
+           colour_change: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each claim of the paper, its number, ours, and whether it holds by the stated rule."""
     ref = paper_reference()
     table = spread_table(rows)
@@ -276,4 +302,9 @@ def claims(rows: pd.DataFrame, calibration: list[runs.Run], pixel_spread: dict[s
         out.append(_claim("distilled images of the fine-tuned model are close to gray, the pretrained model's coloured",
                           "Fig. 4", f"channel spread {pixel_spread['finetune']:.3f} vs {pixel_spread['pretrain']:.3f}",
                           pixel_spread["finetune"] < 0.5 * pixel_spread["pretrain"], "finetune spread < half of pretrain's"))
+    if colour_change is not None and {"finetune", "pretrain"} <= set(colour_change["stage"]):
+        last = colour_change.sort_values("iteration").groupby("stage")["colour_share"].last()
+        out.append(_claim("what distillation paints on the fine-tuned model's images is gray, on the pretrained model's coloured",
+                          "Fig. 4", f"colour share of the change {last['finetune']:.2f} vs {last['pretrain']:.2f}",
+                          last["finetune"] < 0.75 * last["pretrain"], "finetune colour share < 3/4 of pretrain's"))
     return pd.DataFrame(out)

@@ -58,3 +58,20 @@ def test_range_ratios_group_layers_by_detector_part():
     assert (table.loc["backbone body", "min_ratio"], table.loc["backbone body", "max_ratio"]) == (0.25, 2.0)
     assert table.loc["FPN", "median_ratio"] == 0.5 and table.loc["classification head", "median_ratio"] == 1.0
     assert "regression head" not in table.index
+
+
+def test_colour_of_change_separates_gray_from_colour_updates():
+    rng = np.random.default_rng(2)
+    start = rng.integers(60, 190, (2, 8, 10, 3)).astype(np.uint8)
+    gray_step = rng.integers(-40, 40, (2, 8, 10, 1))
+    colour_step = rng.normal(0, 20, (2, 8, 10, 3)).round()
+    for stage, step in (("finetune", gray_step), ("pretrain", colour_step)):
+        params = {"PROFILE": "tiny", "SEED": 0, "STAGE": stage, "LOSS": "mean", "CLAMP": True}
+        run = runs.open_run("03_distill_calibration_data", params)
+        np.savez_compressed(run.path("preview.npz"), iteration_0=start,
+                            iteration_5=(start + step).clip(0, 255).astype(np.uint8))
+        run.finish({"stage": stage})
+    table = compare.colour_of_change(SEED=0).set_index("stage")
+    assert list(table.index) == ["finetune", "pretrain"] and (table["iteration"] == 5).all()
+    assert table.loc["finetune", "colour_share"] < 0.05  # clipping at 0/255 is the only colour
+    assert abs(table.loc["pretrain", "colour_share"] - compare.INDEPENDENT_CHANNELS_COLOUR_SHARE) < 0.08
