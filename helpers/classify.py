@@ -30,7 +30,7 @@ from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
 from helpers.data import DatasetError, split_paths
-from helpers.models import WeightsMissing
+from helpers.models import WeightsMissing, cached_weights
 from helpers.runs import atomic_torch_save, atomic_write_json, resolve_path
 
 PATCH_CLASSES = ("person", "bicycle", "car", "dog", "background")
@@ -332,12 +332,7 @@ def imagenet_classifier(arch: str) -> nn.Module:
     if arch not in IMAGENET_ARCHS:
         raise ValueError(f"arch must be one of {IMAGENET_ARCHS}, got {arch!r}")
     weights = torchvision.models.get_weight(f"{'ResNet18' if arch == 'resnet18' else 'ResNet50'}_Weights.IMAGENET1K_V1")
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not path.exists():
-        raise WeightsMissing(
-            f"ImageNet {arch} weights not found at {path}.\n"
-            f"Download {weights.url} on a machine with internet access and copy it there "
-            f"(or set TORCH_HOME so that $TORCH_HOME/hub/checkpoints/{path.name} exists).")
+    path = cached_weights(weights, f"ImageNet {arch}")
     model = getattr(torchvision.models, arch)(weights=None)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -31,15 +31,20 @@ class WeightsMissing(FileNotFoundError):
     """Pretrained weights are not on disk (this machine cannot download them)."""
 
 
-def coco_v1_state_dict() -> dict:
-    """torchvision's COCO_V1 RetinaNet v2 weights from the torch hub cache, never downloaded here."""
-    weights = RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1
+def cached_weights(weights, what: str) -> Path:
+    """Path of torchvision `weights` in the torch hub cache; never downloads (WeightsMissing says how)."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.exists():
         raise WeightsMissing(
-            f"COCO-pretrained RetinaNet v2 weights not found at {path}.\n"
+            f"{what} weights not found at {path}.\n"
             f"Download {weights.url} on a machine with internet access and copy it there "
             f"(or set TORCH_HOME so that $TORCH_HOME/hub/checkpoints/{path.name} exists).")
+    return path
+
+
+def coco_v1_state_dict() -> dict:
+    """torchvision's COCO_V1 RetinaNet v2 weights from the torch hub cache, never downloaded here."""
+    path = cached_weights(RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1, "COCO-pretrained RetinaNet v2")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

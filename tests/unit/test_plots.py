@@ -87,6 +87,13 @@ def tree():
     return {"entries": entries, "calibration": calibration, "stale": stale}
 
 
+def _add_to_batch(entry: dict) -> None:
+    manifest = runs.results_dir() / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["batches"]["tiny"].append(entry)
+    runs.atomic_write_json(manifest, data)
+
+
 def _rows(entry: dict) -> list[dict]:
     return runs.read_jsonl(runs.results_dir() / entry["path"] / "rows.jsonl")
 
@@ -261,11 +268,7 @@ def test_dfmpc_table_and_ablation_come_from_the_stored_run(tree):
                "detector": {"rows": [{"model": "retinanet", "method": "dfmpc", "mAP": 20.0}]},
                "ablation": {"lambda1": [{"lambda1": v, "top1": 50 + v} for v in (0.0, 0.5, 1.0)],
                             "lambda2": [{"lambda2": v, "top1": 55 - v} for v in (0.0, 0.1)]}}
-    entry = _write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics)
-    manifest = runs.results_dir() / "manifest.json"
-    data = json.loads(manifest.read_text())
-    data["batches"]["tiny"].append(entry)
-    runs.atomic_write_json(manifest, data)
+    _add_to_batch(_write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics))
     stored = plots.load("tiny")
     table, files = plots.make("dfmpc_table", stored, "results/figures")
     assert list(table["part"]) == ["classifier", "classifier", "detector"] and list(table["top1"].iloc[:2]) == [69.0, 60.0]
@@ -287,11 +290,7 @@ def test_dfmpc_artifacts_from_the_rows_notebook_05_stores(tree):
                               "data_fit": [row("data-fit", "ternary", 0.6, "data-fit c 2/6 (TWN)")]},
                "ablation": {"lambda1": [{"lambda1": v, "low_bits": "ternary", "top1": 0.4 + v / 100} for v in (0.0, 0.5, 1.0)]},
                "paper_reference": {"lambda1": 0.5, "lambda2": 0.0}}
-    entry = _write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics)
-    manifest = runs.results_dir() / "manifest.json"
-    data = json.loads(manifest.read_text())
-    data["batches"]["tiny"].append(entry)
-    runs.atomic_write_json(manifest, data)
+    _add_to_batch(_write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics))
     stored = plots.load("tiny")
     table, files = plots.make("dfmpc_table", stored, "results/figures")
     assert list(table["setting"]) == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "data-fit c 2/6 (TWN)"]
