@@ -105,6 +105,24 @@ class _MeanSquare(torch.autograd.Function):
         return torch.addcmul((grad_mean / k)[..., None], x, (grad_square * (2 / k))[..., None])
 
 
+class _Mean(torch.autograd.Function):
+    """Mean over the last dim whose backward hands autograd a broadcast view, not a full tensor.
+
+    torch's MeanBackward materialises grad / K at the input's full size, one more pass over every
+    BN input per iteration before autograd adds it to the gradient from the BN itself; the view
+    lets that addition read the per-channel value directly (same numbers, about 5 % faster here).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        ctx.shape = x.shape
+        return x.mean(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad / ctx.shape[-1])[..., None].expand(ctx.shape)
+
+
 class BNStatisticsLoss:
     """Formula 2 on a module: forward pre-hooks on every BN layer collect the loss terms.
 
@@ -136,7 +154,7 @@ class BNStatisticsLoss:
     def _match(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None):
         flat = x.flatten(2)
         if std is None:
-            return (flat.mean(2) - mean).pow(2).sum(1).mean(), None
+            return (_Mean.apply(flat) - mean).pow(2).sum(1).mean(), None
         mu, mean_square = _MeanSquare.apply(flat)
         k = flat.shape[2]
         var = ((mean_square - mu * mu) * (k / max(k - 1, 1))).clamp(min=0.0)  # unbiased, as torch.var in ZeroQ

@@ -172,3 +172,14 @@ def test_bad_arguments_fail_early(tiny):
         distill.distill(frozen_resnet18(), iterations=1)
     with pytest.raises(ValueError, match="no BatchNorm"):
         distill.BNStatisticsLoss(nn.Conv2d(3, 3, 1))
+
+
+def test_mean_with_a_broadcast_backward_equals_torch_mean():
+    x = torch.randn(3, 4, 50, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    (distill._Mean.apply(x) * weight).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    (x.mean(-1) * weight).sum().backward()
+    assert torch.equal(ours, x.grad)
+    assert torch.autograd.gradcheck(distill._Mean.apply, (torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True),))
