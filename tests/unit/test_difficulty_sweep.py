@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from helpers import difficulty_sweep as ds
+
+TRIAL_A = {"name": "a", "overrides": {"clutter": 0, "noise": [0.01, 0.02]}, "epochs": 1, "why": "test"}
+TRIAL_B = {"name": "b", "overrides": {"min_height": 24.0}, "epochs": 1}
+SMALL = {"weights": "none", "n_train": 12, "n_val": 4}  # 16 images, random init (no pretrain run needed)
+
+
+def test_sweep_writes_each_trial_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "results" / "benchmarks" / "difficulty_sweep.json"
+    state = ds.sweep([TRIAL_A], data_dir=tmp_path / "data", **SMALL)
+    assert out.exists() and json.loads(out.read_text()) == state  # default path follows IRZSQ_RESULTS_DIR
+    rec = state["trials"]["a"]
+    assert rec["overrides"] == TRIAL_A["overrides"] and rec["epochs"] == 1 and rec["spec"]["clutter"] == 0
+    assert rec["spec"]["noise"] == [0.01, 0.02] and rec["spec"]["min_height"] == ds.synth.default_spec("flir").min_height
+    assert set(ds.FINAL_KEYS) <= set(rec["final"]) and set(rec["final"]["per_class_AP"]) == set(ds.CLASSES)
+    assert [e["epoch"] for e in rec["val_AP_per_epoch"]] == [1] and len(rec["loss_per_epoch"]) == 1
+    assert rec["box_statistics_val"]["objects_per_image"] > 0 and rec["val_summary"]["images"] == 4
+    assert rec["train_seconds"] > 0 and "converged" in rec["convergence"]
+    assert rec["lands_in_window"] == (rec["difficulty_window"]["AP_in_window"] and rec["difficulty_window"]["AP50_below_max"])
+    assert not (tmp_path / "data" / "a" / "run" / "checkpoint.pth").exists()  # dropped once recorded
+    assert (tmp_path / "data" / "a" / "run" / "train_log.jsonl").exists()
+    assert state["setup"]["n_train"] == 12 and state["setup"]["schedule"] == ds.FINETUNE
+
+    ran = []  # the second sweep must run only the new trial (a stub: one real training is enough here)
+    monkeypatch.setattr(ds, "run_trial", lambda trial, *a, **k: ran.append(trial["name"]) or
+                        dict(rec, name=trial["name"], overrides=trial["overrides"], epochs=trial["epochs"]))
+    state2 = ds.sweep([TRIAL_A, TRIAL_B], data_dir=tmp_path / "data", **SMALL)
+    assert ran == ["b"]  # a was recorded: skipped
+    assert state2["trials"]["a"] == rec and [state2["trials"][n]["order"] for n in "ab"] == [0, 1]
+    assert "b" in ds.summary_table(state2)
+
+    with pytest.raises(ValueError, match="new name"):  # a recorded name with other overrides is refused
+        ds.sweep([dict(TRIAL_A, overrides={"clutter": 1})], data_dir=tmp_path / "data", **SMALL)
+    with pytest.raises(ValueError, match="another setup"):  # so is another data size into the same file
+        ds.sweep([TRIAL_A], data_dir=tmp_path / "data", weights="none", n_train=8, n_val=4)
+
+
+def test_make_spec_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown SceneSpec fields"):
+        ds.make_spec({"clutterr": 1})
+    assert ds.make_spec({}) == ds.synth.default_spec("flir")
+
+
+def test_trials_are_unique_and_valid():
+    names = [t["name"] for t in ds.TRIALS]
+    assert len(names) == len(set(names)) and names[0] == "baseline"
+    for t in ds.TRIALS:
+        ds.make_spec(t["overrides"])
+        assert t["epochs"] == 10 and t["why"]
