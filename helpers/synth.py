@@ -55,6 +55,8 @@ class SceneSpec:
     noise: tuple[float, float] = (0.01, 0.05)
     inverted_polarity: float = 0.12   # probability of a black-hot frame
     motion_blur: float = 0.3          # probability of horizontal motion blur
+    crowds: float = 0.35              # probability of a group of 2-4 people walking together
+    crowd_spread: float = 6.0         # sd (px) of their positions around the group's centre
     class_weights: dict = field(default_factory=dict)
 
 
@@ -389,10 +391,10 @@ def generate_scene(rng: np.random.Generator, spec: SceneSpec, rgb: bool):
     for _ in range(int(rng.integers(spec.clutter // 2, spec.clutter + 1))):
         items.append(("clutter", "", hy + (spec.height * 1.05 - hy) * rng.random(), rng.uniform(0, spec.width)))
     # crowds: people walk in groups
-    if rng.random() < 0.35:
+    if rng.random() < spec.crowds:
         gx, gy = rng.uniform(10, spec.width - 10), hy + (spec.height - hy) * rng.uniform(0.1, 0.6)
         for _ in range(int(rng.integers(2, 5))):
-            items.append(("object", "person", gy + rng.normal(0, 3), gx + rng.normal(0, 6)))
+            items.append(("object", "person", gy + rng.normal(0, 3), gx + rng.normal(0, spec.crowd_spread)))
     items.sort(key=lambda it: it[2])  # far to near: near objects occlude far ones
     labels = {}
     for idx, (kind, name, yb, x) in enumerate(items):

@@ -35,6 +35,8 @@ def test_sweep_writes_each_trial_and_resumes(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="new name"):  # a recorded name with other overrides is refused
         ds.sweep([dict(TRIAL_A, overrides={"clutter": 1})], data_dir=tmp_path / "data", **SMALL)
+    with pytest.raises(ValueError, match="new name"):  # and with another schedule
+        ds.sweep([dict(TRIAL_A, schedule={"lr": 0.003})], data_dir=tmp_path / "data", **SMALL)
     with pytest.raises(ValueError, match="another setup"):  # so is another data size into the same file
         ds.sweep([TRIAL_A], data_dir=tmp_path / "data", weights="none", n_train=8, n_val=4)
 
@@ -50,4 +52,11 @@ def test_trials_are_unique_and_valid():
     assert len(names) == len(set(names)) and names[0] == "baseline"
     for t in ds.TRIALS:
         ds.make_spec(t["overrides"])
-        assert t["epochs"] == 10 and t["why"]
+        assert isinstance(t["epochs"], int) and t["epochs"] > 0 and t["why"]
+        assert set(t.get("schedule", {})) <= set(ds.FINETUNE)
+
+
+def test_unknown_schedule_key_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown schedule keys"):
+        ds.run_trial(dict(TRIAL_B, schedule={"learning_rate": 0.003}), tmp_path / "data", weights="none", n_train=4, n_val=2)
+    assert not (tmp_path / "data").exists()

@@ -68,3 +68,21 @@ def test_rerun_is_skipped_and_foreign_data_is_protected(tmp_path):
     import pytest
     with pytest.raises(FileExistsError, match="did not write"):
         synth.write_dataset(foreign, "flir", 2, 1)
+
+
+def test_crowd_knobs_add_people_and_spread_them():
+    from dataclasses import replace
+
+    def people(spec):
+        boxes = []
+        for i in range(40):
+            _, anns = synth.generate_scene(synth.image_rng(0, "train", i, False), spec, rgb=False)
+            boxes.append([a["bbox"] for a in anns if a["category"] == "person"])
+        return boxes
+
+    base = synth.default_spec("flir")
+    always, never = people(replace(base, crowds=1.0)), people(replace(base, crowds=0.0))
+    assert sum(map(len, always)) > sum(map(len, never)) + 10  # most group members hide behind the first one
+    wide = people(replace(base, crowds=1.0, crowd_spread=30.0))
+    centre_sd = lambda frames: np.mean([np.std([b[0] + b[2] / 2 for b in f]) for f in frames if len(f) > 1])
+    assert centre_sd(wide) > centre_sd(always)
