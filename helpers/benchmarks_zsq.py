@@ -137,18 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="weights saved by helpers.train (default: random init)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--arch", default="retinanet_resnet18_fpn_tiny", choices=models.ARCHS[1:],
+                        help="tiny detector to time")
+    parser.add_argument("--out", default=None, help="JSON to write (default: results/benchmarks/zsq.json)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2],
                         help="torch threads; the first count gives the main result, others only their ratios")
     args = parser.parse_args(argv)
     runs = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        runs[threads] = measure(args.checkpoint, args.repeats)
+        runs[threads] = measure(args.checkpoint, args.repeats, arch=args.arch)
     result = runs[args.threads[0]]
     if len(runs) > 1:
         result["ratios_by_threads"] = {str(t): {"wall": r["ratios"], "cpu_time": r["cpu_time_ratios"]}
                                        for t, r in runs.items()}
-    path = atomic_write_json(results_dir() / "benchmarks" / "zsq.json", result, digits=4)
+    path = atomic_write_json(args.out or results_dir() / "benchmarks" / "zsq.json", result, digits=4)
     print(path.read_text())
     return 0
 

@@ -5,6 +5,9 @@
 - `retinanet_resnet18_fpn_tiny`: same class and head design, ResNet-18 body with BatchNorm2d
   (distillation needs running statistics), FPN of 128 channels, P6/P7 from C5, anchors scaled to
   a 160x128 frame (FLIR / 4).
+- `retinanet_resnet18_half_fpn_tiny`: the same at half width (ResNet-18 with 32-64-128-256
+  channels, FPN and head of 64): about 3x cheaper per training step on the 2-core CPU, for the
+  epochs the synthetic thermal set needs (see `helpers.difficulty_sweep`).
 
 Labels 1..K need `num_classes=K+1` because torchvision indexes class logits with the label.
 """
@@ -15,7 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import ResNet, resnet18
+from torchvision.models.resnet import BasicBlock
 from torchvision.models.detection import RetinaNet, RetinaNet_ResNet50_FPN_V2_Weights, retinanet_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -24,7 +28,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from helpers.runs import resolve_path
 
-ARCHS = ("retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn_tiny")
+ARCHS = ("retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn_tiny", "retinanet_resnet18_half_fpn_tiny")
+TINY_WIDTHS = {"retinanet_resnet18_fpn_tiny": (1.0, 128), "retinanet_resnet18_half_fpn_tiny": (0.5, 64)}  # body, FPN
 
 
 class WeightsMissing(FileNotFoundError):
@@ -48,12 +53,32 @@ def coco_v1_state_dict() -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _tiny(num_classes: int, min_size: int, max_size: int) -> RetinaNet:
-    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
-    fpn_channels = 128
+def resnet18_body(width: float = 1.0) -> ResNet:
+    """torchvision's ResNet-18 (BatchNorm2d) with every stage's channels scaled by `width`; torchvision
+    fixes BasicBlock widths, so the stages are rebuilt with its own `_make_layer` and initialisation."""
+    if width == 1.0:
+        return resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    body = ResNet(BasicBlock, [2, 2, 2, 2], norm_layer=nn.BatchNorm2d)
+    channels = [int(64 * width) * 2 ** i for i in range(4)]
+    body.inplanes = channels[0]
+    body.conv1 = nn.Conv2d(3, channels[0], kernel_size=7, stride=2, padding=3, bias=False)
+    body.bn1 = nn.BatchNorm2d(channels[0])
+    for i, c in enumerate(channels):
+        setattr(body, f"layer{i + 1}", body._make_layer(BasicBlock, c, 2, stride=1 if i == 0 else 2))
+    body.fc = nn.Linear(channels[-1], 1000)
+    for m in body.modules():  # as torchvision's ResNet.__init__
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return body
+
+
+def _tiny(num_classes: int, min_size: int, max_size: int, arch: str = "retinanet_resnet18_fpn_tiny") -> RetinaNet:
+    width, fpn_channels = TINY_WIDTHS[arch]
+    body = resnet18_body(width)
+    stage_channels = [int(64 * width) * 2 ** i for i in (1, 2, 3)]
     # as torchvision's v2 extractor (layers 2-4, P6/P7 from C5), with a narrower FPN
-    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512],
-                               fpn_channels, extra_blocks=LastLevelP6P7(512, fpn_channels))
+    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, stage_channels,
+                               fpn_channels, extra_blocks=LastLevelP6P7(stage_channels[-1], fpn_channels))
     sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (8, 16, 32, 64, 128))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
@@ -76,7 +101,7 @@ def build_detector(arch: str, num_classes: int, min_size: int, max_size: int, we
         model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes,
                                           min_size=min_size, max_size=max_size)
     else:
-        model = _tiny(num_classes, min_size, max_size)
+        model = _tiny(num_classes, min_size, max_size, arch)
     if weights == "none":
         return model
     if weights == "COCO_V1":

@@ -60,3 +60,29 @@ def test_unknown_schedule_key_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown schedule keys"):
         ds.run_trial(dict(TRIAL_B, schedule={"learning_rate": 0.003}), tmp_path / "data", weights="none", n_train=4, n_val=2)
     assert not (tmp_path / "data").exists()
+
+
+def test_screens_score_a_fixed_detector_and_need_a_sweep(tmp_path):
+    import torch
+    out = tmp_path / "sweep.json"
+    item = {"name": "s", "overrides": {"clutter": 0}}
+    weights = tmp_path / "detector.pth"
+    torch.save(ds.models.build_detector(ds.ARCH, len(ds.CLASSES) + 1, ds.MIN_SIZE, ds.MAX_SIZE).state_dict(), weights)
+    with pytest.raises(FileNotFoundError, match="run the trials first"):
+        ds.screen([item], out, tmp_path / "data", str(weights), n_val=3)
+    out.write_text(json.dumps({"setup": {}, "trials": {}}))
+    state = ds.screen([item], out, tmp_path / "data", str(weights), n_val=3)
+    rec = state["screens"]["s"]
+    assert rec["spec"]["clutter"] == 0 and rec["weights"] == str(weights) and set(ds.FINAL_KEYS) <= set(rec["final"])
+    assert set(rec["recall"]) == set(ds.CLASSES)
+    assert all(0.0 <= r["IoU 0.75"] <= r["IoU 0.5"] <= 1.0 or r["IoU 0.5"] == -1 for r in rec["recall"].values())
+    assert json.loads(out.read_text())["screens"]["s"] == rec and "screen s" in ds.summary_table(state)
+    with pytest.raises(ValueError, match="new name"):
+        ds.screen([dict(item, overrides={"clutter": 1})], out, tmp_path / "data", str(weights), n_val=3)
+    gt = ds.data.CocoDetectionSet(tmp_path / "data" / "screen" / "s", "flir", "val", ds.CLASSES, "contiguous").ground_truth()
+    anns = gt.loadAnns(gt.getAnnIds())
+    exact = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in anns]
+    shifted = [dict(d, bbox=[d["bbox"][0] + 0.2 * d["bbox"][2], *d["bbox"][1:]]) for d in exact]  # IoU 0.67
+    found = {c: r for c, r in ds.recall_by_class(gt, exact).items() if r["IoU 0.5"] >= 0}
+    assert found and all(r == {"IoU 0.5": 1.0, "IoU 0.75": 1.0} for r in found.values())
+    assert all(r == {"IoU 0.5": 1.0, "IoU 0.75": 0.0} for c, r in ds.recall_by_class(gt, shifted).items() if c in found)

@@ -4,8 +4,9 @@ import torch
 from helpers import models, train
 
 
-def test_tiny_builder_runs_both_modes():
-    model = models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160)
+@pytest.mark.parametrize("arch", ["retinanet_resnet18_fpn_tiny", "retinanet_resnet18_half_fpn_tiny"])
+def test_tiny_builder_runs_both_modes(arch):
+    model = models.build_detector(arch, 4, 128, 160)
     assert isinstance(model, torch.nn.Module)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
     images = [torch.rand(3, 128, 160), torch.rand(3, 128, 160)]
@@ -18,6 +19,18 @@ def test_tiny_builder_runs_both_modes():
     with torch.no_grad():
         out = model(images)
     assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+
+
+def test_half_width_tiny_keeps_the_layout_at_half_the_channels():
+    full, half = (models.build_detector(a, 4, 128, 160) for a in ("retinanet_resnet18_fpn_tiny",
+                                                                  "retinanet_resnet18_half_fpn_tiny"))
+    named = lambda m: {n: b for n, b in m.backbone.body.named_modules() if isinstance(b, torch.nn.BatchNorm2d)}
+    assert list(named(full)) == list(named(half)) and len(named(half)) == 20  # same 20 BN layers, same names
+    assert all(named(half)[n].num_features * 2 == b.num_features for n, b in named(full).items())
+    assert half.head.classification_head.conv[0][0].in_channels == 64  # FPN and head of 64 channels
+    features = half.backbone(torch.rand(1, 3, 128, 160))
+    assert [f.shape[1] for f in features.values()] == [64] * 5 and list(features["0"].shape[2:]) == [16, 20]
+    assert models.num_parameters(half) < models.num_parameters(full) / 3.5
 
 
 def test_paper_builder_constructs_offline_with_the_papers_sizes():
