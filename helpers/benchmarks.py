@@ -40,7 +40,7 @@ def _batch(n: int, height: int, width: int, seed: int = 0):
 
 def measure(repeats: int = 5, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    tiny = models.build_detector("retinanet_resnet18_fpn_tiny", 4, 128, 160)
+    tiny = models.build_detector(models.TINY_ARCH, 4, 128, 160)
     optimizer = torch.optim.AdamW(tiny.parameters(), lr=1e-4)
     images, targets = _batch(8, 128, 160, seed)
 
@@ -71,6 +71,7 @@ def measure(repeats: int = 5, seed: int = 0) -> dict:
         "tiny_eval_s_per_image": {k: v / 8 if k.endswith("_s") else v for k, v in tiny_ev.items()},
         "paper_r50v2_eval_s_per_image_640x512": {k: v / 2 if k.endswith("_s") else v for k, v in paper_ev.items()},
         "paper_over_tiny_eval_per_image": paper_ev["median_s"] / 2 / (tiny_ev["median_s"] / 8),
+        "tiny_arch": models.TINY_ARCH,
         "note": "random weights; one process, side by side; best and median of repeats after one warm-up",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cuda": torch.cuda.is_available(),

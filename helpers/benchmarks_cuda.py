@@ -32,7 +32,7 @@ from helpers import benchmarks_zsq, data, distill, evaluate, models, quant, synt
 from helpers.runs import atomic_write_json, results_dir
 
 PAPER = {"arch": "retinanet_resnet50_fpn_v2", "height": 512, "width": 640, "scale": 4.0}
-SMOKE = {"arch": "retinanet_resnet18_fpn_tiny", "height": 128, "width": 160, "scale": 1.0}
+SMOKE = {"arch": models.TINY_ARCH, "height": 128, "width": 160, "scale": 1.0}
 
 
 def thermal_spec(height: int, width: int, scale: float) -> synth.SceneSpec:

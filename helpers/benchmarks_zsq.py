@@ -54,7 +54,7 @@ def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, divide: dict[
 
 
 def measure(checkpoint: str | None = None, repeats: int = 7, batch: int = 8, height: int = 128, width: int = 160,
-            distill_iters: int = 6, seed: int = 0, arch: str = "retinanet_resnet18_fpn_tiny",
+            distill_iters: int = 6, seed: int = 0, arch: str = models.TINY_ARCH,
             device: str = "cpu") -> dict:
     load_before = os.getloadavg()[0]
     torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="weights saved by helpers.train (default: random init)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--arch", default="retinanet_resnet18_fpn_tiny", choices=models.ARCHS[1:],
+    parser.add_argument("--arch", default=models.TINY_ARCH, choices=models.ARCHS[1:],
                         help="tiny detector to time")
     parser.add_argument("--out", default=None, help="JSON to write (default: results/benchmarks/zsq.json)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2],

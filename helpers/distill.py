@@ -14,9 +14,10 @@ is what `loss` reports ("mean": mean terms only, the paper's choice; "mean+std":
 are per image, so with eval-mode BN and Adam (elementwise) a batch of B images behaves like B
 independent distillations, as the paper's "repeated the distillation process 128 times".
 
-Speed: only the backbone body runs, parameters are frozen, and the forward is cut off inside the
-last BN layer's pre-hook (nothing after it feeds the loss), so one iteration costs about one
-forward + backward of the body on that batch.
+Speed: only the backbone body runs, parameters are frozen, the forward is cut off at the last BN
+layer (nothing after it feeds the loss), and each eval-mode BN layer computes its output and its
+input's statistics in one autograd node whose backward adds both gradients in one pass, so one
+iteration costs about one forward + backward of the body on that batch.
 
 Distilled pixels drift outside what a [0, 1] image can produce; `clamp=True` projects them, after
 every Adam step, onto the per-channel normalised pixel range [(0 - mean) / std, (1 - mean) / std]
@@ -43,7 +44,7 @@ class DistillationDiverged(FloatingPointError):
 
 
 class _StopForward(Exception):
-    """Raised in the last BN layer's pre-hook: the rest of the network does not affect the loss."""
+    """Raised at the last BN layer: the rest of the network does not affect the loss."""
 
 
 def bn_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -123,11 +124,56 @@ class _Mean(torch.autograd.Function):
         return (grad / ctx.shape[-1])[..., None].expand(ctx.shape)
 
 
-class BNStatisticsLoss:
-    """Formula 2 on a module: forward pre-hooks on every BN layer collect the loss terms.
+class _EvalBNWithMean(torch.autograd.Function):
+    """Eval-mode BN, y = x * scale + shift per channel, that also returns the per-image channel means
+    of its input (and their mean squares when `squares`), with a backward of one pass per term.
 
-    Use as a context manager (hooks are removed on exit); call it with a normalised batch to get
-    (total, mean_term, std_term), each already divided by the number of BN layers L.
+    Hooks that read the BN input leave autograd two gradients to add at that input (the BN's and the
+    statistics'), one more pass over every BN input per iteration; here the sum is formed in the
+    pass that scales the BN's gradient. `scale` and `shift` are constants (distillation freezes them).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, squares: bool):
+        flat = x.flatten(2)
+        k = flat.shape[-1]
+        ctx.k, ctx.squares = k, squares
+        y = torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
+        mean = flat.mean(-1)
+        if not squares:
+            ctx.save_for_backward(scale)
+            return y, mean, mean.new_zeros(())
+        ctx.save_for_backward(scale, x)
+        return y, mean, torch.linalg.vector_norm(flat, dim=-1).square() / k
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_square):
+        scale = ctx.saved_tensors[0][None, :, None, None]
+        grad = torch.addcmul((grad_mean / ctx.k)[..., None, None], grad_y, scale)
+        if ctx.squares:
+            grad = grad.addcmul_(ctx.saved_tensors[1], (grad_square * (2 / ctx.k))[..., None, None])
+        return grad, None, None, None
+
+
+def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BN or FrozenBatchNorm2d, as their own forwards compute them."""
+    with torch.no_grad():
+        scale = 1 / torch.sqrt(bn.running_var + bn.eps)  # as ATen's CPU batch_norm, to the last bit
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -(bn.running_mean * scale)
+        if bn.bias is not None:
+            shift = bn.bias + shift
+    return scale, shift
+
+
+class BNStatisticsLoss:
+    """Formula 2 on a module: every BN layer's input statistics are collected as the loss terms.
+
+    Use as a context manager (the BN layers are restored on exit); call it with a normalised batch to
+    get (total, mean_term, std_term), each already divided by the number of BN layers L. Inside the
+    block, eval-mode BN layers on 4-D inputs run `_EvalBNWithMean` (their affine parameters act as
+    constants: no gradient reaches them); others keep their own forward and are read by the same terms.
     """
 
     def __init__(self, module: nn.Module, loss: str = "mean", input_stats: bool = True):
@@ -139,38 +185,57 @@ class BNStatisticsLoss:
             raise ValueError("the module has no BatchNorm layers with running statistics to distill from")
         self.seen: list[str] = []
         self._terms: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self._handles = []
+        self._patched: list[nn.Module] = []
 
-    def _hook(self, name: str, bn: nn.Module):
-        def pre_hook(_module, args):
-            self._terms.append(self._match(args[0], bn.running_mean,
-                                           (bn.running_var + STD_EPS).sqrt() if self.loss == "mean+std" else None))
+    def _std_target(self, bn: nn.Module) -> torch.Tensor | None:
+        return (bn.running_var + STD_EPS).sqrt() if self.loss == "mean+std" else None
+
+    def _forward(self, name: str, bn: nn.Module):
+        own_forward = type(bn).forward.__get__(bn)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
             if name not in self.seen:
                 self.seen.append(name)
-            if len(self.seen) == len(self.layers):
-                raise _StopForward
-        return pre_hook
+            last = len(self.seen) == len(self.layers)
+            if last or bn.training or x.dim() != 4 or not hasattr(bn, "eps"):
+                self._terms.append(self._match(x, bn.running_mean, self._std_target(bn)))
+                if last:  # nothing after the last BN layer feeds the loss
+                    raise _StopForward
+                return own_forward(x)
+            y, mean, square = _EvalBNWithMean.apply(x, *_scale_shift(bn), self.loss == "mean+std")
+            self._terms.append(self._terms_of(mean, square, x.shape[2] * x.shape[3], bn.running_mean,
+                                              self._std_target(bn)))
+            return y
+        return forward
+
+    @staticmethod
+    def _terms_of(mu, mean_square, k, mean, std):
+        mean_term = (mu - mean).pow(2).sum(1).mean()
+        if std is None:
+            return mean_term, None
+        var = ((mean_square - mu * mu) * (k / max(k - 1, 1))).clamp(min=0.0)  # unbiased, as torch.var in ZeroQ
+        return mean_term, ((var + STD_EPS).sqrt() - std).pow(2).sum(1).mean()
 
     def _match(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None):
         flat = x.flatten(2)
         if std is None:
             return (_Mean.apply(flat) - mean).pow(2).sum(1).mean(), None
         mu, mean_square = _MeanSquare.apply(flat)
-        k = flat.shape[2]
-        var = ((mean_square - mu * mu) * (k / max(k - 1, 1))).clamp(min=0.0)  # unbiased, as torch.var in ZeroQ
-        return (mu - mean).pow(2).sum(1).mean(), ((var + STD_EPS).sqrt() - std).pow(2).sum(1).mean()
+        return self._terms_of(mu, mean_square, flat.shape[2], mean, std)
 
     def __enter__(self) -> "BNStatisticsLoss":
-        self._handles = [bn.register_forward_pre_hook(self._hook(name, bn)) for name, bn in self.layers.items()]
+        for name, bn in self.layers.items():
+            bn.forward = self._forward(name, bn)  # an instance attribute shadows the class's forward
+            self._patched.append(bn)
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for bn in self._patched:
+            del bn.forward
+        self._patched = []
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self._handles:
+        if not self._patched:
             raise RuntimeError("use BNStatisticsLoss inside a `with` block")
         self.seen, self._terms = [], []
         try:

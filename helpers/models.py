@@ -5,9 +5,10 @@
 - `retinanet_resnet18_fpn_tiny`: same class and head design, ResNet-18 body with BatchNorm2d
   (distillation needs running statistics), FPN of 128 channels, P6/P7 from C5, anchors scaled to
   a 160x128 frame (FLIR / 4).
-- `retinanet_resnet18_half_fpn_tiny`: the same at half width (ResNet-18 with 32-64-128-256
-  channels, FPN and head of 64): about 3x cheaper per training step on the 2-core CPU, for the
-  epochs the synthetic thermal set needs (see `helpers.difficulty_sweep`).
+- `retinanet_resnet18_half_fpn_tiny` (the tiny profile's default): the same at half width
+  (ResNet-18 with 32-64-128-256 channels, FPN and head of 64), a third of the full-width
+  training step on the 2-core CPU, which buys the epochs the synthetic thermal set needs to land
+  in the difficulty window within the time budget (see `helpers.difficulty_sweep`).
 
 Labels 1..K need `num_classes=K+1` because torchvision indexes class logits with the label.
 """
@@ -29,6 +30,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from helpers.runs import resolve_path
 
 ARCHS = ("retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn_tiny", "retinanet_resnet18_half_fpn_tiny")
+TINY_ARCH = "retinanet_resnet18_half_fpn_tiny"  # the tiny profile's detector (notebook 02's default)
 TINY_WIDTHS = {"retinanet_resnet18_fpn_tiny": (1.0, 128), "retinanet_resnet18_half_fpn_tiny": (0.5, 64)}  # body, FPN
 
 

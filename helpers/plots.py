@@ -745,8 +745,8 @@ ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
     "table1_map": ("table", table1, "Table 1: FP32 vs W8A8 zero-shot quantization, both detectors."),
     "table_sources_bits": ("table", table_sources_bits, "Every calibration source at every bit setting."),
     "table_claims": ("table", table_claims, "The paper's claims and ours."),
-    "table_calibrators_w8a4": ("table", table_calibrators, "Why Gaussian noise wins at W8A4 with the percentile rule: "
-                               "every activation calibrator with every source, fine-tuned detector, same batches."),
+    "table_calibrators_w8a4": ("table", table_calibrators, "The range rule at W8A4: every activation calibrator with every "
+                               "source, fine-tuned detector, same batches."),
     "fig2a_map_vs_iterations_pretrained": ("figure", lambda s: fig2_map_vs_iterations(s, "pretrain"), ""),
     "fig2b_map_vs_iterations_finetuned": ("figure", lambda s: fig2_map_vs_iterations(s, "finetune"), ""),
     "fig2c_loss_pretrained": ("figure", lambda s: fig2_loss(s, "pretrain"), ""),

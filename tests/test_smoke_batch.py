@@ -25,7 +25,9 @@ def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
             flir = metrics["datasets"]["flir_train"]
             assert flir["images"] == 16 and flir["dropped_instances"] >= 0
         elif run["notebook"] == "02_train_detector":
-            assert 0.0 <= metrics["eval"]["AP"] <= 1.0 and metrics["eval"]["detections"] > 0
+            assert 0.0 <= metrics["eval"]["AP"] <= 1.0 and metrics["eval"]["detections"] >= 0
+            # two steps from scratch can leave every score under the 0.05 threshold; the fine-tune must detect
+            assert metrics["eval"]["detections"] > 0 or params["STAGE"] == "pretrain"
             assert metrics["convergence"]["epochs"] == params["EPOCHS"]
             assert (folder / "model.pth").exists()
         elif run["notebook"] == "03_distill_calibration_data":

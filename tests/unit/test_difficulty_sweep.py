@@ -15,7 +15,7 @@ def test_sweep_writes_each_trial_and_resumes(tmp_path, monkeypatch):
     assert out.exists() and json.loads(out.read_text()) == state  # default path follows IRZSQ_RESULTS_DIR
     rec = state["trials"]["a"]
     assert rec["overrides"] == TRIAL_A["overrides"] and rec["epochs"] == 1 and rec["spec"]["clutter"] == 0
-    assert rec["spec"]["noise"] == [0.01, 0.02] and rec["spec"]["min_height"] == ds.synth.default_spec("flir").min_height
+    assert rec["spec"]["noise"] == [0.01, 0.02] and rec["spec"]["min_height"] == ds.BASE_SPEC.min_height
     assert set(ds.FINAL_KEYS) <= set(rec["final"]) and set(rec["final"]["per_class_AP"]) == set(ds.CLASSES)
     assert [e["epoch"] for e in rec["val_AP_per_epoch"]] == [1] and len(rec["loss_per_epoch"]) == 1
     assert rec["box_statistics_val"]["objects_per_image"] > 0 and rec["val_summary"]["images"] == 4
@@ -44,7 +44,7 @@ def test_sweep_writes_each_trial_and_resumes(tmp_path, monkeypatch):
 def test_make_spec_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown SceneSpec fields"):
         ds.make_spec({"clutterr": 1})
-    assert ds.make_spec({}) == ds.synth.default_spec("flir")
+    assert ds.make_spec({}) == ds.BASE_SPEC
 
 
 def test_trials_are_unique_and_valid():

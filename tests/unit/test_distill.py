@@ -85,6 +85,47 @@ def test_loss_matches_zeroq_formula(tiny, loss):
     assert (std_term.item() == 0.0) == (loss == "mean")
 
 
+def zeroq_reference_gradient(module: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
+    """d(Formula 2)/dx through the module's own BN forwards and plain torch reductions (no fused node)."""
+    x = x.clone().requires_grad_(True)
+    terms = []
+    handles = [m.register_forward_hook(lambda m, args, out: terms.append((args[0], m))) for m in
+               distill.bn_layers(module).values()]
+    try:
+        module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    total = x.flatten(2).mean(2).pow(2).sum(1).mean()
+    if loss == "mean+std":
+        total = total + ((x.flatten(2).var(2) + 1e-6).sqrt() - 1).pow(2).sum(1).mean()
+    for inp, m in terms:
+        flat = inp.flatten(2)
+        total = total + (flat.mean(2) - m.running_mean).pow(2).sum(1).mean()
+        if loss == "mean+std":
+            total = total + ((flat.var(2) + 1e-6).sqrt() - (m.running_var + 1e-6).sqrt()).pow(2).sum(1).mean()
+    (total / len(terms)).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("loss", ["mean", "mean+std"])
+@pytest.mark.parametrize("which", ["batchnorm", "frozen"])
+def test_fused_bn_gradient_matches_plain_autograd_and_layers_are_restored(tiny, loss, which):
+    net = tiny.backbone.body if which == "batchnorm" else frozen_resnet18()
+    x = torch.randn(2, 3, *SMALL, generator=torch.Generator().manual_seed(4))
+    expected = zeroq_reference_gradient(net, x, loss)
+    net.zero_grad(set_to_none=True)
+    inp = x.clone().requires_grad_(True)
+    with distill.BNStatisticsLoss(net, loss) as crit:
+        total, _, _ = crit(inp)
+        assert all("forward" in vars(bn) for bn in crit.layers.values())
+    total.backward()
+    assert torch.allclose(inp.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert not any("forward" in vars(bn) for bn in distill.bn_layers(net).values())
+    bn_weights = [bn.weight for bn in distill.bn_layers(net).values() if isinstance(bn.weight, nn.Parameter)]
+    assert all(w.grad is None for w in bn_weights)  # BN affine parameters act as constants
+
+
 def test_mean_only_ignores_the_variance_term():
     net = frozen_resnet18()
     last = list(distill.bn_layers(net).values())[-1]

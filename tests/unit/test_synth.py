@@ -80,7 +80,7 @@ def test_crowd_knobs_add_people_and_spread_them():
             boxes.append([a["bbox"] for a in anns if a["category"] == "person"])
         return boxes
 
-    base = synth.default_spec("flir")
+    base = synth.SceneSpec()  # every size drawn, so crowds far away count too
     always, never = people(replace(base, crowds=1.0)), people(replace(base, crowds=0.0))
     assert sum(map(len, always)) > sum(map(len, never)) + 10  # most group members hide behind the first one
     wide = people(replace(base, crowds=1.0, crowd_spread=30.0))
