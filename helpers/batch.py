@@ -99,6 +99,13 @@ def execute(run: dict, force: bool = False) -> str:
     return "done"
 
 
+def rerun_mismatch(run: dict) -> list[str]:
+    """The metrics keys in which a run just made again differs from its stored result (see `runs.Run.finish`)."""
+    env = results_dir() / run["notebook"] / run["run_id"] / "env.json"
+    reproduced = json.loads(env.read_text()).get("reproduced") if env.exists() else None
+    return [] if not reproduced or reproduced["same"] else reproduced["changed"]
+
+
 def write_manifest(runs: list[dict], batch_file: str | Path) -> Path:
     rows = []
     for run in runs:
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = load_batch(args.batch)
+        mismatches = []
         selected = [r for r in runs if not args.only or r["notebook"] in args.only]
         for i, run in enumerate(selected, 1):
             label = f"[{i}/{len(selected)}] {run['notebook']} {run['run_id']} {run['overrides']}"
@@ -128,8 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(label)
                 continue
             print(label, "...", flush=True)
-            print(f"    {execute(run, args.force)}", flush=True)
+            status = execute(run, args.force)
+            print(f"    {status}", flush=True)
+            mismatch = rerun_mismatch(run) if status == "done" else []
+            if mismatch:
+                mismatches.append(f"{run['notebook']}/{run['run_id']}")
+                print(f"    WARNING: made again with results that differ from the stored ones in {mismatch}", flush=True)
             write_manifest(runs, args.batch)
+        if mismatches:
+            print(f"{len(mismatches)} run(s) did not reproduce their stored results: {mismatches}. Runs kept "
+                  "downstream of them were computed from the stored results; for a consistent set run "
+                  "`make clean-results && make reproduce`.", file=sys.stderr)
     except BatchError as err:
         print(f"batch failed: {err}", file=sys.stderr)
         return 1

@@ -112,6 +112,7 @@ class CocoDetectionSet(Dataset):
                  labels: str = "contiguous", train: bool = False, limit: int | None = None):
         if labels not in ("contiguous", "category_id"):
             raise ValueError(f"labels must be 'contiguous' or 'category_id', got {labels!r}")
+        self.train = train
         self.image_dir, self.annotation_file = split_paths(data_root, dataset, split)
         raw = validate_coco_json(self.annotation_file)
         by_name = {c["name"]: c["id"] for c in raw["categories"]}
@@ -186,6 +187,30 @@ class CocoDetectionSet(Dataset):
             else:
                 dropped += 1
         return {"images": len(self.ids), "instances": counts, "dropped_instances": dropped}
+
+
+class Preloaded(Dataset):
+    """A split read and decoded once and then served from memory, for sets that are evaluated many
+    times over (notebook 04 scores every calibrated model on the same validation images). Only
+    for splits without random transforms; everything else (`ground_truth`, `label_to_cat`, ...)
+    comes from the wrapped set."""
+
+    def __init__(self, dataset: CocoDetectionSet):
+        if getattr(dataset, "train", False):
+            raise ValueError("Preloaded would freeze one draw of the training augmentation; wrap an evaluation split")
+        self.source = dataset
+        self.items = [dataset[i] for i in range(len(dataset))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+    def __getattr__(self, name: str):
+        if name == "source":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
 
 
 def box_statistics(dataset: CocoDetectionSet) -> dict:

@@ -14,6 +14,7 @@ import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -151,13 +152,30 @@ class Run:
         `artifacts` are the files later runs need (weights, datasets). They are listed in
         metrics.json, and the run only counts as finished while they all exist, so a clone that
         has the committed metrics but not the (uncommitted) checkpoints runs the notebook again.
+
+        A run that already had a `metrics.json` (a clone re-making the checkpoints it lacks, or
+        `--force`) is compared with it: env.json records `reproduced` (True when every rounded
+        value is the same) and the top-level keys that changed, and a warning names them, because
+        downstream runs that were kept were computed from the stored result, not this one.
         """
         missing = [str(a) for a in artifacts if not resolve_path(a).exists()]
         if missing:
             raise FileNotFoundError(f"cannot finish run {self.id}: artifacts not written: {missing}")
         listed = sorted(_relative(resolve_path(a)) for a in artifacts)
-        write_env(self.dir)
-        atomic_write_json(self.dir / "metrics.json", {**metrics, "artifacts": listed}, digits=digits)
+        new = json.loads(json.dumps(_rounded({**metrics, "artifacts": listed}, digits)))
+        stored = self.dir / "metrics.json"
+        changed = None
+        if stored.exists():
+            old = json.loads(stored.read_text())
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if changed:
+                warnings.warn(
+                    f"run {self.notebook}/{self.id} was made again and its results differ from the stored ones in "
+                    f"{changed}: runs downstream of it that were kept were computed from the stored result. "
+                    "Recompute them (`make clean-results && make reproduce`) before comparing or committing.",
+                    RerunMismatch, stacklevel=2)
+        write_env(self.dir, reproduced=None if changed is None else {"same": not changed, "changed": changed})
+        atomic_write_json(stored, new)
         return metrics
 
     def metrics(self) -> dict:
@@ -206,8 +224,13 @@ def find_run(notebook: str, run_id_: str | None = None, **match) -> Run:
     return runs[-1]
 
 
-def write_env(directory: Path) -> None:
-    """Volatile provenance, kept out of metrics so metrics stay comparable across machines."""
+class RerunMismatch(UserWarning):
+    """A run made again gave other results than the ones stored for the same parameters."""
+
+
+def write_env(directory: Path, reproduced: dict | None = None) -> None:
+    """Volatile provenance, kept out of metrics so metrics stay comparable across machines.
+    `reproduced`: how a re-made run compares with the result stored before it (see `Run.finish`)."""
     import torch
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -217,4 +240,5 @@ def write_env(directory: Path) -> None:
     atomic_write_json(directory / "env.json", {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": platform.python_version(),
         "torch": torch.__version__, "host_cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "git_commit": commit})
+        "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "git_commit": commit,
+        **({} if reproduced is None else {"reproduced": reproduced})})

@@ -113,11 +113,21 @@ def first_layer_range(model: torch.nn.Module) -> float:
     return float(quantizer.hi)
 
 
-def quantized_map(model, batch, normalized: bool, val_set, setting: str, calibrator: str = "percentile",
-                  percentile: float = 99.99, symmetric: bool = True) -> dict:
-    """Quantize a copy of `model` to `setting`, calibrate it on one batch, and measure mAP on `val_set`."""
+def quantized_copy(model, setting: str, calibrator: str = "percentile", percentile: float = 99.99,
+                   symmetric: bool = True) -> torch.nn.Module:
+    """A copy of `model` with weights quantized to `setting`; activations still to calibrate."""
     w_bits, a_bits = parse_setting(setting)
-    q = quant.quantize_model(model, w_bits, a_bits, calibrator, percentile, symmetric)
+    return quant.quantize_model(model, w_bits, a_bits, calibrator, percentile, symmetric)
+
+
+def quantized_map(model, batch, normalized: bool, val_set, setting: str, calibrator: str = "percentile",
+                  percentile: float = 99.99, symmetric: bool = True, quantized: torch.nn.Module | None = None) -> dict:
+    """Quantize a copy of `model` to `setting`, calibrate it on one batch, and measure mAP on `val_set`.
+
+    `quantized`: a `quantized_copy` of `model` for this setting to reuse (calibration starts fresh
+    histograms and overwrites every range, so a reused copy gives the same result as a new one).
+    """
+    q = quantized_copy(model, setting, calibrator, percentile, symmetric) if quantized is None else quantized
     quant.calibrate(q, [batch], normalized=normalized, progress=False)
     metrics = evaluate.evaluate_detector(q, val_set, progress=False)
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"],
@@ -144,9 +154,13 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     grid = [(s, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
     todo = [key for key in grid if key not in done]
     kwargs = {"disable": not todo} if progress is None else {"disable": not (progress and todo)}
+    val_set = data.Preloaded(val_set) if todo else val_set  # every row evaluates the same images
+    quantized = {}  # weights are quantized once per setting; each row calibrates the copy afresh
     for setting, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
+        if setting not in quantized:
+            quantized = {setting: quantized_copy(model, setting, calibrator, percentile)}
         result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
-                               calibrator, percentile)
+                               calibrator, percentile, quantized=quantized[setting])
         row = {"setting": setting, "iteration": iteration, "batch": b, **result}
         runs.append_jsonl(rows_path, row)
         rows.append(row)

@@ -74,3 +74,15 @@ def test_missing_image_names_file_and_entry(tiny_root, tmp_path):
 def test_unknown_class_is_rejected(tiny_root):
     with pytest.raises(data.DatasetError, match="no categories named"):
         data.CocoDetectionSet(tiny_root, "flir", "val", classes=("person", "truck"))
+
+
+def test_preloaded_split_serves_the_same_items_and_ground_truth(tiny_root):
+    val = data.CocoDetectionSet(tiny_root, "flir", "val", data.FLIR_CLASSES)
+    held = data.Preloaded(val)
+    assert len(held) == len(val) and held.label_to_cat == val.label_to_cat
+    for i in range(len(val)):
+        (image, target), (again, twin) = held[i], val[i]
+        assert torch.equal(image, again) and torch.equal(target["boxes"], twin["boxes"])
+    assert held.ground_truth().dataset == val.ground_truth().dataset
+    with pytest.raises(ValueError, match="augmentation"):
+        data.Preloaded(data.CocoDetectionSet(tiny_root, "flir", "train", data.FLIR_CLASSES, train=True))

@@ -66,3 +66,28 @@ def test_runs_are_ordered_by_recorded_finish_time_not_file_mtime():
     os.utime(older.path("metrics.json"), (2e9, 2e9))  # a fresh clone's checkout order says nothing
     assert [r.id for r in runs.list_runs("04_quantize_evaluate")] == [older.id, newer.id]
     assert runs.find_run("04_quantize_evaluate", SOURCE="real").id == newer.id
+
+
+def test_a_run_made_again_is_compared_with_its_stored_result():
+    run = runs.open_run("02_train_detector", {"STAGE": "finetune", "SEED": 2})
+    run.finish({"AP": 0.5, "size": 3.0})
+    assert "reproduced" not in json.loads(run.path("env.json").read_text())  # first result: nothing to compare
+    run.finish({"AP": 0.500001, "size": 3.0})  # equal after rounding to 5 digits
+    assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": True, "changed": []}
+    with pytest.warns(runs.RerunMismatch, match=r"differ from the stored ones in \['AP'\]"):
+        run.finish({"AP": 0.4, "size": 3.0})
+    assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": False, "changed": ["AP"]}
+    assert run.metrics()["AP"] == 0.4
+
+
+def test_batch_reports_a_run_that_did_not_reproduce():
+    from helpers import batch
+    run = runs.open_run("02_train_detector", {"STAGE": "pretrain", "SEED": 3})
+    entry = {"notebook": run.notebook, "run_id": run.id}
+    run.finish({"AP": 0.2})
+    assert batch.rerun_mismatch(entry) == []
+    run.finish({"AP": 0.2})
+    assert batch.rerun_mismatch(entry) == []
+    with pytest.warns(runs.RerunMismatch):
+        run.finish({"AP": 0.3, "eval": {"AP50": 0.5}})
+    assert batch.rerun_mismatch(entry) == ["AP", "eval"]

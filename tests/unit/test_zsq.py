@@ -98,3 +98,15 @@ def test_calibrated_ranges_cover_every_layer_and_follow_the_batch():
     large = zsq.calibrated_ranges(model, torch.randn(2, 3, 64, 80) * 2.0, normalized=True, a_bits=4)
     assert len(small) == len(quant.quant_layers(quant.quantize_model(model, 8, 8)))
     assert large["backbone.body.conv1"] > 3 * small["backbone.body.conv1"]  # the input itself, 4x wider
+
+
+def test_a_reused_quantized_copy_calibrates_like_a_fresh_one(detector):
+    wide, batch = zsq.gaussian_batches(2, 2, (128, 160), seed=0)
+    reused = zsq.quantized_copy(detector, "W8A4")
+    quant.calibrate(reused, [wide * 4], normalized=True)
+    got = quant.calibrate(reused, [batch], normalized=True)["ranges"]
+    fresh = zsq.quantized_copy(detector, "W8A4")
+    assert got == quant.calibrate(fresh, [batch], normalized=True)["ranges"]
+    x = torch.rand(1, 3, 128, 160)
+    with torch.inference_mode():
+        assert all(torch.equal(u, v) for u, v in zip(reused.backbone(x).values(), fresh.backbone(x).values()))
