@@ -211,6 +211,22 @@ def test_entropy_calibrator_is_tensorrts_kl_search():
     assert amax < hist.absmax  # heavy tails: KL clips them
 
 
+@pytest.mark.parametrize("shape", ["heavy tail", "ReLU zeros", "sparse bins", "histogram past the max"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vectorised_entropy_search_picks_the_reference_loops_threshold(shape, bits):
+    rng = np.random.default_rng(len(shape) * bits)
+    x = np.abs(rng.standard_t(3, size=20000))
+    if shape == "ReLU zeros":
+        x = np.maximum(x - 1, 0)
+    top = x.max() * (2 if shape == "histogram past the max" else 1)
+    counts = np.histogram(x, bins=384, range=(0, top))[0].astype(float)
+    if shape == "sparse bins":
+        counts[::7] = 0
+    edges = np.linspace(0, top, 385)
+    stop = int(np.flatnonzero(counts)[-1]) + 1
+    assert quant.entropy_amax(counts, edges, bits) == trt_entropy_reference(counts[:stop], edges[:stop + 1], bits)[0]
+
+
 # --------------------------------------------------------------------------- whole model
 def test_every_conv_of_the_tiny_retinanet_is_quantized(tiny, w8a8):
     q, info = w8a8
