@@ -154,8 +154,8 @@ class Run:
         has the committed metrics but not the (uncommitted) checkpoints runs the notebook again.
 
         A run that already had a `metrics.json` (a clone re-making the checkpoints it lacks, or
-        `--force`) is compared with it: env.json records `reproduced` (True when every rounded
-        value is the same) and the top-level keys that changed, and a warning names them, because
+        `--force`) is compared with it: env.json records `reproduced` ({"same": every rounded value
+        equal, "changed": the top-level keys that differ}), and a warning names the keys, because
         downstream runs that were kept were computed from the stored result, not this one.
         """
         missing = [str(a) for a in artifacts if not resolve_path(a).exists()]
