@@ -60,6 +60,19 @@ def _rounded(obj: Any, digits: int):
     return obj
 
 
+def _close(a: Any, b: Any, rel: float = 1e-4) -> bool:
+    """Equal, except floats, which may differ by `rel` of their size: a re-made distillation moves
+    its loss in the sixth significant digit (the CPU's reduction order), which is not a new result."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                and abs(a - b) <= rel * max(abs(a), abs(b), 1e-12))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    return a == b
+
+
 def atomic_write_json(path: str | Path, data: Any, digits: int | None = None) -> Path:
     """Write JSON with sorted keys through a temp file and `os.replace` (no half-written files)."""
     if digits is not None:
@@ -154,8 +167,9 @@ class Run:
         has the committed metrics but not the (uncommitted) checkpoints runs the notebook again.
 
         A run that already had a `metrics.json` (a clone re-making the checkpoints it lacks, or
-        `--force`) is compared with it: env.json records `reproduced` ({"same": every rounded value
-        equal, "changed": the top-level keys that differ}), and a warning names the keys, because
+        `--force`) is compared with it: env.json records `reproduced` ({"same": every value equal up
+        to float noise (see `_close`), "changed": the top-level keys that differ}), and a warning
+        names the keys, because
         downstream runs that were kept were computed from the stored result, not this one.
         """
         missing = [str(a) for a in artifacts if not resolve_path(a).exists()]
@@ -167,7 +181,7 @@ class Run:
         changed = None
         if stored.exists():
             old = json.loads(stored.read_text())
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            changed = sorted(k for k in set(old) | set(new) if not _close(old.get(k), new.get(k)))
             if changed:
                 warnings.warn(
                     f"run {self.notebook}/{self.id} was made again and its results differ from the stored ones in "

@@ -78,6 +78,15 @@ def test_a_run_made_again_is_compared_with_its_stored_result():
         run.finish({"AP": 0.4, "size": 3.0})
     assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": False, "changed": ["AP"]}
     assert run.metrics()["AP"] == 0.4
+    with pytest.warns(runs.RerunMismatch, match=r"\['loss_at'\]"):  # a new key is a change
+        run.finish({"AP": 0.4, "size": 3, "loss_at": {"50": 4.67259}})
+    run.finish({"AP": 0.4, "size": 3.0, "loss_at": {"50": 4.67258}})  # float noise in the 6th digit
+    assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": True, "changed": []}
+    for changed in ({"50": 4.7}, {"50": 4.67258, "100": 2.8}, [4.67258]):
+        with pytest.warns(runs.RerunMismatch, match=r"\['loss_at'\]"):
+            run.finish({"AP": 0.4, "size": 3.0, "loss_at": changed})
+        with pytest.warns(runs.RerunMismatch):  # and back
+            run.finish({"AP": 0.4, "size": 3.0, "loss_at": {"50": 4.67258}})
 
 
 def test_batch_reports_a_run_that_did_not_reproduce():
