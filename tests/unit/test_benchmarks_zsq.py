@@ -1,5 +1,6 @@
 """helpers.benchmarks_zsq: the three cost ratios come out of one interleaved run, with their targets."""
 import torch
+
 from helpers import benchmarks_zsq
 
 
