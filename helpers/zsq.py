@@ -155,12 +155,12 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     todo = [key for key in grid if key not in done]
     kwargs = {"disable": not todo} if progress is None else {"disable": not (progress and todo)}
     val_set = data.Preloaded(val_set) if todo else val_set  # every row evaluates the same images
-    quantized = {}  # weights are quantized once per setting; each row calibrates the copy afresh
+    copy_setting, copy = None, None  # the grid is setting-major: quantize weights once per setting
     for setting, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
-        if setting not in quantized:
-            quantized = {setting: quantized_copy(model, setting, calibrator, percentile)}
+        if setting != copy_setting:
+            copy_setting, copy = setting, quantized_copy(model, setting, calibrator, percentile)
         result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
-                               calibrator, percentile, quantized=quantized[setting])
+                               calibrator, percentile, quantized=copy)
         row = {"setting": setting, "iteration": iteration, "batch": b, **result}
         runs.append_jsonl(rows_path, row)
         rows.append(row)
