@@ -13,3 +13,13 @@ def test_cost_ratios_are_measured_side_by_side():
     assert result["within_target"].keys() == benchmarks_zsq.TARGETS.keys()
     assert set(result["set_ranges_s"]) == {"max", "percentile", "entropy", "mse"}
     assert result["timings"]["body_fwd_bwd"]["repeats"] == 1
+    assert set(result["median_paired_ratios"]) == set(result["ratios"])
+    assert len(result["timings"]["distill_mean"]["rounds_s"]) == 1
+
+
+def test_rounds_alternate_order_and_pair_ratios_are_medians():
+    calls = []
+    timings = benchmarks_zsq._interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating rounds
+    timings = {"num": {"rounds_s": [2.0, 3.0, 9.0]}, "den": {"rounds_s": [1.0, 1.0, 1.0]}}
+    assert benchmarks_zsq._paired_median(timings, "num", "den") == 3.0
