@@ -10,7 +10,7 @@ BATCH ?= params/tiny.yaml
 export TQDM_MININTERVAL ?= 30
 export PYTHONHASHSEED := 0
 
-.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures
+.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures seeds-table
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -51,6 +51,11 @@ benchmarks: install
 # the paper's tables and figures from the stored results of the batch (no training, seconds) -> results/figures/
 figures: install
 	$(PY) -m helpers.plots --batch $(basename $(notdir $(BATCH)))
+
+# the tiny verdicts of several batches (seeds) side by side, from their stored results -> results/figures/table_seeds.*
+SEED_BATCHES ?= tiny tiny_seed1 tiny_seed2
+seeds-table: install
+	$(PY) -m helpers.plots --seeds $(SEED_BATCHES)
 
 # committed results make `make reproduce` skip finished runs; this forgets them so everything is recomputed
 clean-results:

@@ -8,8 +8,10 @@ A batch file lists runs in order::
       - notebook: 02_train_detector
         parameters: {STAGE: pretrain, DATASET: coco}
 
-Each run's parameters are the notebook's defaults updated with `common` and its own
-`parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
+A batch file can start from another, `extends: tiny.yaml` (a path relative to the file): it takes
+that batch's runs (unless it lists its own) and its `common`, updated with its own `common`, so
+the tiny batch with another seed is three lines. Each run's parameters are the notebook's
+defaults updated with `common` and its own `parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
 notebook starts. A finished run (its `metrics.json` written and the artifacts it lists, such as
 weights or datasets, still on disk) is skipped; an interrupted run
 is executed again and resumes from its checkpoints. The executed notebook and its log are kept
@@ -54,12 +56,28 @@ def notebook_defaults(path: Path) -> dict:
         raise BatchError(f"{path.name}: parameter defaults must be literals ({err})") from None
 
 
+def batch_spec(batch_file: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A batch file's {"common", "runs"} with `extends` resolved (its `common` wins over the base's)."""
+    path = Path(batch_file).resolve()
+    if path in _chain:
+        raise BatchError(f"batch files extend each other in a cycle: {' -> '.join(p.name for p in (*_chain, path))}")
+    if not path.exists():
+        named = f" (extended by {_chain[-1].name})" if _chain else ""
+        raise BatchError(f"batch file {path} not found{named}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    common, base = spec.get("common") or {}, spec.get("extends")
+    if base is None:
+        return {"common": common, "runs": spec.get("runs") or []}
+    parent = batch_spec(path.parent / base, (*_chain, path))
+    return {"common": parent["common"] | common, "runs": spec.get("runs") or parent["runs"]}
+
+
 def load_batch(batch_file: str | Path) -> list[dict]:
     """Resolve every run of a batch file: notebook path, full parameters, run id."""
-    spec = yaml.safe_load(Path(batch_file).read_text()) or {}
-    common = spec.get("common", {}) or {}
+    spec = batch_spec(batch_file)
+    common = spec["common"]
     resolved = []
-    for i, entry in enumerate(spec.get("runs", [])):
+    for i, entry in enumerate(spec["runs"]):
         path = notebook_path(entry["notebook"])
         defaults = notebook_defaults(path)
         own = entry.get("parameters", {}) or {}

@@ -295,6 +295,75 @@ def dfmpc_table(stored: Stored) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
+def _first(rows: list[dict] | None, **match):
+    """The first stored row whose fields equal `match`, else None."""
+    return next((r for r in rows or [] if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _minus(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _seed_verdicts(stored: Stored) -> dict[str, str]:
+    """One batch's tiny verdicts as short strings, read from its stored notebook 06 (and 05) metrics; "n/a" where absent."""
+    metrics = stored.need("comparison")
+    fine, pre = "finetune", "pretrain"
+
+    def spread(stage, source, setting=SETTING, column="mean"):
+        return _spread_value(stored, stage, source, column, setting)
+
+    def table1(stage, precision):
+        return (_first(metrics.get("table1"), model=stage, precision=precision) or {}).get("mAP")
+
+    def w8a4(calibrator, source):
+        return (_first(metrics.get("calibrators"), calibrator=calibrator, source=source) or {}).get("mean")
+
+    def text(fmt: str, *values) -> str:
+        return "n/a" if any(v is None for v in values) else fmt.format(*values)
+
+    def order(setting: str) -> str:
+        row = _first(metrics.get("separating_three_sources"), setting=setting)
+        return "n/a" if row is None else f"{row['ranking']} ({'all' if row['all_separated'] else 'not all'} separated)"
+
+    colour = {r["stage"]: r["colour_share"] for r in sorted(metrics.get("colour_change") or [], key=lambda r: r["iteration"])}
+    recovered = ((stored.dfmpc or {}).get("classifier") or {}).get("recovered") or {}
+    max_rule = {source: w8a4("max", source) for source in ("real", "distilled mean", "gaussian")}
+    detector = stored.detectors.get(fine, {})
+    return {
+        "seed, data root": f"{detector.get('SEED', '?')}, {detector.get('DATA_ROOT', '?')}",
+        "FP32 mAP, fine-tuned / pretrained": text("{:.2f} / {:.2f}", table1(fine, "W32-A32"), table1(pre, "W32-A32")),
+        "W8A8 zero-shot minus FP32": text("{:+.2f}", _minus(table1(fine, "W8-A8"), table1(fine, "W32-A32"))),
+        "W8A8 zero-shot vs PTQ": text("{:.2f} vs {:.2f}", spread(fine, "distilled mean"), spread(fine, "real")),
+        "W8A8 Gaussian minus distilled": text("{:+.2f}", _minus(spread(fine, "gaussian"), spread(fine, "distilled mean"))),
+        "W8A8 batch std, zero-shot vs PTQ": text("{:.2f} vs {:.2f}", spread(fine, "distilled mean", column="std"),
+                                                 spread(fine, "real", column="std")),
+        "W4A8 order, percentile calibrator": order("W4A8"),
+        "W8A4 order, percentile calibrator": order("W8A4"),
+        "W8A4, MSE calibrator: real / distilled minus Gaussian": text(
+            "{:+.1f} / {:+.1f}", _minus(w8a4("mse", "real"), w8a4("mse", "gaussian")),
+            _minus(w8a4("mse", "distilled mean"), w8a4("mse", "gaussian"))),
+        "W8A4, max calibrator: best source": "n/a" if None in max_rule.values() else max(max_rule, key=max_rule.get),
+        "pretrained W8A8: mean+std vs mean-only": text("{:.2f} vs {:.2f}", spread(pre, "distilled mean+std"),
+                                                       spread(pre, "distilled mean")),
+        "pretrained W8A8: Gaussian vs mean-only": text("{:.2f} vs {:.2f}", spread(pre, "gaussian"), spread(pre, "distilled mean")),
+        "pretrained: FP32 minus W8A8 zero-shot": text("{:.2f}", _minus(table1(pre, "W32-A32"), table1(pre, "W8-A8"))),
+        "colour share of the change, fine-tuned (pretrained)": text("{:.2f} ({:.2f})", colour.get(fine), colour.get(pre)),
+        "DF-MPC classifier, share of the drop won back: 2/6 / 3/6": text(
+            "{:.0%} / {:.0%}", (recovered.get("ternary") or {}).get("dfmpc"), (recovered.get("3") or {}).get("dfmpc")),
+    }
+
+
+def table_seeds(storeds: list[Stored]) -> pd.DataFrame:
+    """The tiny verdicts side by side, one column per batch (another seed and data draw each), every
+    cell read from that batch's stored comparison (notebook 06) and DF-MPC (05) metrics: which
+    verdicts are properties of the recipe and which of one trained detector."""
+    if not storeds:
+        raise MissingResults("name at least one batch")
+    columns = {s.batch: _seed_verdicts(s) for s in storeds}
+    verdicts = list(next(iter(columns.values())))
+    return pd.DataFrame({"verdict": verdicts, **{batch: [col[v] for v in verdicts] for batch, col in columns.items()}})
+
+
 def dfmpc_ablation_data(stored: Stored, which: str = "lambda1") -> pd.DataFrame:
     """The stored lambda ablation of notebook 05: one row per lambda value."""
     rows = (stored.need("dfmpc").get("ablation") or {}).get(which) or []
@@ -787,7 +856,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="tiny", help="manifest batch name (default: tiny)")
     parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
+    parser.add_argument("--seeds", nargs="+", metavar="BATCH",
+                        help="instead: the verdicts of these batches side by side -> table_seeds.{csv,md}")
     args = parser.parse_args(argv)
+    if args.seeds:
+        try:
+            table = table_seeds([load(b) for b in args.seeds])
+        except MissingResults as err:
+            print(f"figures: {err}", file=sys.stderr)
+            return 1
+        caption = (f"**The tiny verdicts batch by batch** ({', '.join(f'`{b}`' for b in args.seeds)}): each column "
+                   "read from that batch's stored notebook 06 and 05 metrics; mAP in points, fine-tuned detector "
+                   "unless named, W8A8 over 8 batches, W8A4 calibrators over 4.")
+        print("table_seeds:", ", ".join(display_path(p) for p in save_table(table, "table_seeds", args.out, caption)))
+        return 0
     try:
         stored = load(args.batch)
     except MissingResults as err:

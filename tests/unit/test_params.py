@@ -8,12 +8,12 @@ import yaml
 from helpers import batch
 
 PARAMS = sorted(Path(__file__).resolve().parents[2].joinpath("params").glob("*.yaml"))
-BATCHES = [p for p in PARAMS if "runs" in (yaml.safe_load(p.read_text()) or {})]
+BATCHES = [p for p in PARAMS if {"runs", "extends"} & set(yaml.safe_load(p.read_text()) or {})]
 
 
 @pytest.mark.parametrize("batch_file", BATCHES, ids=lambda p: p.name)
 def test_every_key_exists_in_the_target_notebook(batch_file):
-    spec = yaml.safe_load(batch_file.read_text())
+    spec = batch.batch_spec(batch_file)
     for entry in spec["runs"]:
         declared = papermill.inspect_notebook(str(batch.notebook_path(entry["notebook"])))
         for key in (entry.get("parameters") or {}):
@@ -23,6 +23,23 @@ def test_every_key_exists_in_the_target_notebook(batch_file):
             assert type(value) is type(default) or (isinstance(default, float) and isinstance(value, int)), \
                 f"{batch_file.name}: {key}={value!r} has another type than the default {default!r}"
     assert batch.load_batch(batch_file)  # resolves: notebooks exist, ids computed
+
+
+def test_extended_batch_takes_the_base_runs_with_its_own_common(tmp_path):
+    (tmp_path / "base.yaml").write_text("common: {SEED: 0, PROFILE: tiny}\nruns:\n  - notebook: 01_prepare_data\n"
+                                        "  - notebook: 02_train_detector\n    parameters: {STAGE: pretrain}\n")
+    (tmp_path / "seed1.yaml").write_text("extends: base.yaml\ncommon: {SEED: 1}\n")
+    base, seed1 = batch.load_batch(tmp_path / "base.yaml"), batch.load_batch(tmp_path / "seed1.yaml")
+    assert [r["notebook"] for r in seed1] == [r["notebook"] for r in base]
+    assert all(r["params"]["SEED"] == 1 and r["params"]["PROFILE"] == "tiny" for r in seed1)
+    assert seed1[1]["params"]["STAGE"] == "pretrain"
+    assert {r["run_id"] for r in seed1}.isdisjoint(r["run_id"] for r in base)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(batch.BatchError, match="cycle"):
+        batch.load_batch(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(batch.BatchError, match="missing.yaml not found .extended by orphan.yaml"):
+        batch.load_batch(tmp_path / "orphan.yaml")
 
 
 def test_batch_names_unknown_parameters(tmp_path):

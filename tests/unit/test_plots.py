@@ -311,3 +311,26 @@ def test_calibrator_table_is_the_stored_probe(tree):
     assert list(table["calibrator"]) == [r["calibrator"] for r in stored] and {"max", "percentile"} <= set(table["calibrator"])
     assert list(table["mAP mean (tiny)"]) == [r["mean"] for r in stored]
     assert [p.name for p in files] == ["table_calibrators_w8a4.csv", "table_calibrators_w8a4.md"]
+
+
+def test_seed_table_reads_each_batch_stored_verdicts_and_marks_what_it_lacks(tree, capsys):
+    first = plots.load("tiny")
+    second = plots.load("tiny")
+    second.batch = "tiny_seed1"
+    second.comparison = dict(second.comparison, separating_three_sources=[
+        {"setting": "W4A8", "ranking": "real > distilled mean > gaussian", "all_separated": True}])
+    table = plots.table_seeds([first, second]).set_index("verdict")
+    assert list(table.columns) == ["tiny", "tiny_seed1"]
+    spread = {(r["stage"], r["source"], r["setting"]): r for r in _comparison()["spread"]}
+    zsq, ptq = spread["finetune", "distilled mean", "W8A8"]["mean"], spread["finetune", "real", "W8A8"]["mean"]
+    assert table.loc["W8A8 zero-shot vs PTQ", "tiny"] == f"{zsq:.2f} vs {ptq:.2f}"
+    fp32, w8a8 = (next(r["mAP"] for r in _comparison()["table1"] if r["model"] == "finetune" and r["precision"] == p)
+                  for p in ("W32-A32", "W8-A8"))
+    assert table.loc["W8A8 zero-shot minus FP32", "tiny"] == f"{w8a8 - fp32:+.2f}"
+    assert table.loc["W4A8 order, percentile calibrator"].tolist() == [
+        "n/a", "real > distilled mean > gaussian (all separated)"]
+    assert table.loc["DF-MPC classifier, share of the drop won back: 2/6 / 3/6", "tiny"] == "n/a"  # no 05 run stored
+    assert plots.main(["--seeds", "tiny"]) == 0
+    written = (runs.results_dir() / "figures" / "table_seeds.md").read_text()
+    assert "| verdict | tiny |" in written and f"{zsq:.2f} vs {ptq:.2f}" in written
+    assert plots.main(["--seeds", "tiny", "absent"]) == 1 and "no batch 'absent'" in capsys.readouterr().err
