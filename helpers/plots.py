@@ -27,6 +27,7 @@ import functools
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -318,8 +319,10 @@ def _seed_verdicts(stored: Stored) -> dict[str, str]:
     def w8a4(calibrator, source):
         return (_first(metrics.get("calibrators"), calibrator=calibrator, source=source) or {}).get("mean")
 
-    def text(fmt: str, *values) -> str:
-        return "n/a" if any(v is None for v in values) else fmt.format(*values)
+    def text(fmt: str, *values) -> str:  # a value that rounds to zero prints unsigned ("-0.00" reads as a loss)
+        if any(v is None for v in values):
+            return "n/a"
+        return re.sub(r"[-+](0(?:\.0+)?%?)(?![\d.])", r"\1", fmt.format(*values))
 
     def order(setting: str) -> str:
         row = _first(metrics.get("separating_three_sources"), setting=setting)
@@ -329,6 +332,7 @@ def _seed_verdicts(stored: Stored) -> dict[str, str]:
     recovered = ((stored.dfmpc or {}).get("classifier") or {}).get("recovered") or {}
     max_rule = {source: w8a4("max", source) for source in ("real", "distilled mean", "gaussian")}
     detector = stored.detectors.get(fine, {})
+    claims = metrics.get("claims") or []
     return {
         "seed, data root": f"{detector.get('SEED', '?')}, {detector.get('DATA_ROOT', '?')}",
         "FP32 mAP, fine-tuned / pretrained": text("{:.2f} / {:.2f}", table1(fine, "W32-A32"), table1(pre, "W32-A32")),
@@ -348,6 +352,8 @@ def _seed_verdicts(stored: Stored) -> dict[str, str]:
         "pretrained W8A8: Gaussian vs mean-only": text("{:.2f} vs {:.2f}", spread(pre, "gaussian"), spread(pre, "distilled mean")),
         "pretrained: FP32 minus W8A8 zero-shot": text("{:.2f}", _minus(table1(pre, "W32-A32"), table1(pre, "W8-A8"))),
         "colour share of the change, fine-tuned (pretrained)": text("{:.2f} ({:.2f})", colour.get(fine), colour.get(pre)),
+        "paper's claims that hold by notebook 06's rules": (f"{sum(bool(c['holds at tiny scale']) for c in claims)} of "
+                                                             f"{len(claims)}" if claims else "n/a"),
         "DF-MPC classifier, share of the drop won back: 2/6 / 3/6": text(
             "{:.0%} / {:.0%}", (recovered.get("ternary") or {}).get("dfmpc"), (recovered.get("3") or {}).get("dfmpc")),
     }
