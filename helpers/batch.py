@@ -10,12 +10,14 @@ A batch file lists runs in order::
 
 A batch file can start from another, `extends: tiny.yaml` (a path relative to the file): it takes
 that batch's runs (unless it lists its own) and its `common`, updated with its own `common`, so
-the tiny batch with another seed is three lines. Each run's parameters are the notebook's
-defaults updated with `common` and its own `parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
+the tiny batch with another seed is three lines.
+
+Each run's parameters are the notebook's defaults updated with `common` and its own
+`parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
 notebook starts. A finished run (its `metrics.json` written and the artifacts it lists, such as
-weights or datasets, still on disk) is skipped; an interrupted run
-is executed again and resumes from its checkpoints. The executed notebook and its log are kept
-in the run folder, and `results/manifest.json` lists every run of the batch.
+weights or datasets, still on disk) is skipped; an interrupted run is executed again and resumes
+from its checkpoints. The executed notebook and its log are kept in the run folder, and
+`results/manifest.json` lists every run of the batch.
 """
 from __future__ import annotations
 

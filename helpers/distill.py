@@ -180,8 +180,9 @@ class BNStatisticsLoss:
 
     Use as a context manager (the BN layers are restored on exit); call it with a normalised batch to
     get (total, mean_term, std_term), each already divided by the number of BN layers L. Inside the
-    block, eval-mode BN layers on 4-D inputs run `_EvalBNWithMean` (their affine parameters act as
-    constants: no gradient reaches them); others keep their own forward and are read by the same terms.
+    block, eval-mode BN layers on 4-D inputs run `_EvalBNWithMean` (`_EvalBNWithMoments` for mean+std;
+    their affine parameters act as constants: no gradient reaches them); others keep their own
+    forward and are read by the same terms.
 
     The layers' statistics are concatenated, in the order the forward met them, and every term is
     formed in one pass over that (batch, channels of all layers) tensor, instead of a dozen small
