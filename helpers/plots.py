@@ -314,7 +314,7 @@ def _seed_verdicts(stored: Stored) -> dict[str, str]:
         return _spread_value(stored, stage, source, column, setting)
 
     def table1(stage, precision):
-        return (_first(metrics.get("table1"), model=stage, precision=precision) or {}).get("mAP")
+        return _table1_map(stored, stage, precision)
 
     def w8a4(calibrator, source):
         return (_first(metrics.get("calibrators"), calibrator=calibrator, source=source) or {}).get("mean")
@@ -397,17 +397,17 @@ def fig2_sweep_data(stored: Stored, stage: str) -> tuple[pd.DataFrame, pd.DataFr
 
 
 def _spread_value(stored: Stored, stage: str, source: str, column: str = "mean", setting: str = SETTING):
-    for r in (stored.comparison or {}).get("spread") or []:
-        if (r["stage"], r["source"], r["setting"]) == (stage, source, setting):
-            return r[column]
-    return None
+    row = _first((stored.comparison or {}).get("spread"), stage=stage, source=source, setting=setting)
+    return None if row is None else row[column]
+
+
+def _table1_map(stored: Stored, stage: str, precision: str):
+    row = _first((stored.comparison or {}).get("table1"), model=stage, precision=precision)
+    return None if row is None else row["mAP"]
 
 
 def _fp32(stored: Stored, stage: str):
-    for r in (stored.comparison or {}).get("table1") or []:
-        if r["model"] == stage and r["precision"] == "W32-A32":
-            return r["mAP"]
-    return None
+    return _table1_map(stored, stage, "W32-A32")
 
 
 def _paper_note(fig, text: str) -> None:

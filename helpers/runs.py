@@ -169,8 +169,8 @@ class Run:
         A run that already had a `metrics.json` (a clone re-making the checkpoints it lacks, or
         `--force`) is compared with it: env.json records `reproduced` ({"same": every value equal up
         to float noise (see `_close`), "changed": the top-level keys that differ}), and a warning
-        names the keys, because
-        downstream runs that were kept were computed from the stored result, not this one.
+        names the keys, because downstream runs that were kept were computed from the stored result,
+        not this one.
         """
         missing = [str(a) for a in artifacts if not resolve_path(a).exists()]
         if missing:
