@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers.runs import ROOT, atomic_write_json, is_finished, results_dir, run_id
+from helpers.runs import ROOT, atomic_write_json, is_finished, rerun_message, results_dir, run_id
 
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -121,9 +121,13 @@ def execute(run: dict, force: bool = False) -> str:
 
 def rerun_mismatch(run: dict) -> list[str]:
     """The metrics keys in which a run just made again differs from its stored result (see `runs.Run.finish`)."""
-    env = results_dir() / run["notebook"] / run["run_id"] / "env.json"
-    reproduced = json.loads(env.read_text()).get("reproduced") if env.exists() else None
+    reproduced = _reproduced(run)
     return [] if not reproduced or reproduced["same"] else reproduced["changed"]
+
+
+def _reproduced(run: dict) -> dict | None:
+    env = results_dir() / run["notebook"] / run["run_id"] / "env.json"
+    return json.loads(env.read_text()).get("reproduced") if env.exists() else None
 
 
 def write_manifest(runs: list[dict], batch_file: str | Path) -> Path:
@@ -161,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             mismatch = rerun_mismatch(run) if status == "done" else []
             if mismatch:
                 mismatches.append(f"{run['notebook']}/{run['run_id']}")
-                print(f"    WARNING: made again with results that differ from the stored ones in {mismatch}", flush=True)
+                reproduced = _reproduced(run)
+                print("    WARNING: " + rerun_message(f"{run['notebook']}/{run['run_id']}", mismatch,
+                                                     reproduced.get("stored_capability"),
+                                                     reproduced.get("capability", "unknown")), flush=True)
             write_manifest(runs, args.batch)
         if mismatches:
             print(f"{len(mismatches)} run(s) did not reproduce their stored results: {mismatches}. Runs kept "

@@ -178,17 +178,17 @@ class Run:
         listed = sorted(_relative(resolve_path(a)) for a in artifacts)
         new = json.loads(json.dumps(_rounded({**metrics, "artifacts": listed}, digits)))
         stored = self.dir / "metrics.json"
-        changed = None
+        changed, reproduced = None, None
         if stored.exists():
             old = json.loads(stored.read_text())
             changed = sorted(k for k in set(old) | set(new) if not _close(old.get(k), new.get(k)))
+            import torch
+            before, now = stored_capability(self.dir), torch.backends.cpu.get_cpu_capability()
+            reproduced = {"same": not changed, "changed": changed, "stored_capability": before, "capability": now}
             if changed:
-                warnings.warn(
-                    f"run {self.notebook}/{self.id} was made again and its results differ from the stored ones in "
-                    f"{changed}: runs downstream of it that were kept were computed from the stored result. "
-                    "Recompute them (`make clean-results && make reproduce`) before comparing or committing.",
-                    RerunMismatch, stacklevel=2)
-        write_env(self.dir, reproduced=None if changed is None else {"same": not changed, "changed": changed})
+                warnings.warn(rerun_message(f"{self.notebook}/{self.id}", changed, before, now),
+                              RerunMismatch, stacklevel=2)
+        write_env(self.dir, reproduced=reproduced)
         atomic_write_json(stored, new)
         return metrics
 
@@ -238,8 +238,58 @@ def find_run(notebook: str, run_id_: str | None = None, **match) -> Run:
     return runs[-1]
 
 
+def rerun_message(run: str, changed: list[str], stored_capability: str | None, capability: str) -> str:
+    """Why a run made again differs, and what to do: a CPU with another kernel family (AVX2 vs AVX-512)
+    rounds floats differently, so a re-made training is a new result, not a failed reproduction."""
+    if stored_capability is None:
+        origin = "the stored run does not record its CPU kernel family"
+    elif stored_capability != capability:
+        origin = (f"the stored run was made with {stored_capability} kernels and this one with {capability}: "
+                  "float results of another kernel family differ in their last bits, and a training amplifies that")
+    else:
+        origin = f"both were made with {capability} kernels, so this is not the CPU"
+    return (f"run {run} was made again and its results differ from the stored ones in {changed} ({origin}). "
+            "Runs downstream of it that were kept were computed from the stored result: recompute them "
+            "(`make clean-results && make reproduce`) before comparing or committing, and check the new batch "
+            "against the committed one with `make verify` (agreement within the seed spread).")
+
+
 class RerunMismatch(UserWarning):
     """A run made again gave other results than the ones stored for the same parameters."""
+
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def cpu_info() -> dict:
+    """The CPU a run was made on: model name, the ISA flags that decide which float and int8 kernels
+    run, torch's kernel family (`get_cpu_capability`) and any variable that pins it. Float results
+    depend on the kernel family (AVX2 and AVX-512 kernels sum in other orders), so a run made again
+    on another family is expected to differ in its last bits."""
+    import torch
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "isa": [f for f in _ISA_FLAGS if f in flags],
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "pinned": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ}}
+
+
+def stored_capability(directory: Path) -> str | None:
+    """torch's CPU kernel family recorded in a run's env.json (None for runs recorded before it was)."""
+    env = Path(directory) / "env.json"
+    if not env.exists():
+        return None
+    return (json.loads(env.read_text()).get("cpu") or {}).get("capability")
 
 
 def write_env(directory: Path, reproduced: dict | None = None) -> None:
@@ -255,4 +305,5 @@ def write_env(directory: Path, reproduced: dict | None = None) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": platform.python_version(),
         "torch": torch.__version__, "host_cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "git_commit": commit,
+        "cpu": cpu_info(),
         **({} if reproduced is None else {"reproduced": reproduced})})

@@ -53,7 +53,7 @@ def test_tiny_batch_defaults_resolve_to_the_committed_notebook_runs():
     """nbval re-executes each committed notebook with its defaults; the tiny batch must hold exactly that
     run, so re-execution reuses its finished results instead of training or distilling again."""
     runs = batch.load_batch(Path(batch.ROOT) / "params" / "tiny.yaml")
-    # every notebook that records a run (07 only draws figures from stored results)
+    # every notebook that records a run (10 only draws figures from stored results)
     notebooks = sorted(p.stem for p in (Path(batch.ROOT) / "notebooks").glob("[0-9]*.ipynb")
                        if "runs.open_run(" in p.read_text())
     assert sorted({r["notebook"] for r in runs}) == notebooks

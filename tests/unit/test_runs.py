@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from helpers import runs
 
@@ -68,20 +69,45 @@ def test_runs_are_ordered_by_recorded_finish_time_not_file_mtime():
     assert runs.find_run("04_quantize_evaluate", SOURCE="real").id == newer.id
 
 
+def _reproduced(run) -> dict:
+    """env.json's `reproduced`, less the CPU kernel families (checked in their own test)."""
+    reproduced = json.loads(run.path("env.json").read_text())["reproduced"]
+    assert reproduced.pop("capability") == torch.backends.cpu.get_cpu_capability()
+    reproduced.pop("stored_capability")
+    return reproduced
+
+
+def test_env_records_the_cpu_and_the_warning_names_another_kernel_family():
+    run = runs.open_run("02_train_detector", {"STAGE": "finetune", "SEED": 5})
+    run.finish({"AP": 0.5})
+    cpu = json.loads(run.path("env.json").read_text())["cpu"]
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(cpu["isa"], list)
+    assert cpu["model"] and runs.stored_capability(run.dir) == cpu["capability"]
+    env = json.loads(run.path("env.json").read_text())
+    runs.atomic_write_json(run.path("env.json"), {**env, "cpu": {**cpu, "capability": "OTHER_ISA"}})
+    with pytest.warns(runs.RerunMismatch, match="made with OTHER_ISA kernels and this one with"):
+        run.finish({"AP": 0.4})
+    assert json.loads(run.path("env.json").read_text())["reproduced"]["stored_capability"] == "OTHER_ISA"
+    env = json.loads(run.path("env.json").read_text())
+    runs.atomic_write_json(run.path("env.json"), {k: v for k, v in env.items() if k != "cpu"})
+    with pytest.warns(runs.RerunMismatch, match="does not record its CPU kernel family"):
+        run.finish({"AP": 0.3})
+
+
 def test_a_run_made_again_is_compared_with_its_stored_result():
     run = runs.open_run("02_train_detector", {"STAGE": "finetune", "SEED": 2})
     run.finish({"AP": 0.5, "size": 3.0})
     assert "reproduced" not in json.loads(run.path("env.json").read_text())  # first result: nothing to compare
     run.finish({"AP": 0.500001, "size": 3.0})  # equal after rounding to 5 digits
-    assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": True, "changed": []}
-    with pytest.warns(runs.RerunMismatch, match=r"differ from the stored ones in \['AP'\]"):
+    assert _reproduced(run) == {"same": True, "changed": []}
+    with pytest.warns(runs.RerunMismatch, match=r"differ from the stored ones in \['AP'\] \(both were made with"):
         run.finish({"AP": 0.4, "size": 3.0})
-    assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": False, "changed": ["AP"]}
+    assert _reproduced(run) == {"same": False, "changed": ["AP"]}
     assert run.metrics()["AP"] == 0.4
     with pytest.warns(runs.RerunMismatch, match=r"\['loss_at'\]"):  # a new key is a change
         run.finish({"AP": 0.4, "size": 3, "loss_at": {"50": 4.67259}})
     run.finish({"AP": 0.4, "size": 3.0, "loss_at": {"50": 4.67258}})  # float noise in the 6th digit
-    assert json.loads(run.path("env.json").read_text())["reproduced"] == {"same": True, "changed": []}
+    assert _reproduced(run) == {"same": True, "changed": []}
     for changed in ({"50": 4.7}, {"50": 4.67258, "100": 2.8}, [4.67258]):
         with pytest.warns(runs.RerunMismatch, match=r"\['loss_at'\]"):
             run.finish({"AP": 0.4, "size": 3.0, "loss_at": changed})
