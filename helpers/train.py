@@ -94,14 +94,24 @@ def train_one_epoch(model, optimizer, scheduler, loader, grad_clip: float = 0.0,
 
 def fit(model: nn.Module, loader, schedule: Schedule, run_dir: str | Path, seed: int = 0,
         evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
-        progress: bool | None = None) -> list[dict]:
+        progress: bool | None = None, final_weights: str | Path | None = None) -> list[dict]:
     """Train for `schedule.epochs`, checkpointing and logging every epoch; resume if interrupted.
 
     `evaluate(model) -> dict` runs every `eval_every` epochs and after the last one (its values are
     logged with an `val_` prefix). Returns the whole epoch log.
+
+    `final_weights`: the finished run's weights (`save_weights`). When they exist, the log holds every
+    epoch and there is no checkpoint to resume from (a fresh clone has the committed weights and
+    log, not the git-ignored checkpoint), they are loaded and nothing is trained: retraining on
+    another CPU would give other weights than the ones every committed downstream result came from.
     """
     run_dir = Path(run_dir)
     ckpt_path, log_path = run_dir / "checkpoint.pth", run_dir / "train_log.jsonl"
+    finished_log = read_jsonl(log_path)
+    if (final_weights is not None and Path(final_weights).exists() and not ckpt_path.exists()
+            and [row["epoch"] for row in finished_log] == list(range(schedule.epochs))):
+        model.load_state_dict(torch.load(final_weights, map_location="cpu", weights_only=True)["model"])
+        return finished_log
     optimizer = make_optimizer(model, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, len(loader)))
     start = 0
