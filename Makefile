@@ -10,7 +10,7 @@ BATCH ?= params/tiny.yaml
 export TQDM_MININTERVAL ?= 30
 export PYTHONHASHSEED := 0
 
-.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures seeds-table
+.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures seeds-table verify determinism
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -56,6 +56,14 @@ figures: install
 SEED_BATCHES ?= tiny tiny_seed1 tiny_seed2
 seeds-table: install
 	$(PY) -m helpers.plots --seeds $(SEED_BATCHES)
+
+# a batch made again (e.g. on another CPU) against the committed one, within the seed spread -> results/benchmarks/verify.json
+verify: install
+	$(PY) -m tools.verify --batch $(basename $(notdir $(BATCH)))
+
+# the first epoch of the tiny pretraining under other CPU kernel families and a competing load -> results/benchmarks/determinism.json
+determinism: install
+	$(PY) -m tools.determinism_probe
 
 # committed results make `make reproduce` skip finished runs; this forgets them so everything is recomputed
 clean-results:

@@ -359,6 +359,27 @@ def _seed_verdicts(stored: Stored) -> dict[str, str]:
     }
 
 
+def seed_numbers(stored: Stored) -> dict[str, float | None]:
+    """The numbers behind the tiny verdicts (mAP points), from one batch's stored 06 metrics: what a
+    batch made again on another CPU is checked on (`tools.verify`), each against the seed spread."""
+    metrics = stored.need("comparison")
+    fine, pre = "finetune", "pretrain"
+
+    def w8a4(calibrator, source):
+        return (_first(metrics.get("calibrators"), calibrator=calibrator, source=source) or {}).get("mean")
+
+    return {
+        "FP32 mAP, fine-tuned": _fp32(stored, fine),
+        "FP32 mAP, pretrained": _fp32(stored, pre),
+        "W8A8 zero-shot minus FP32": _minus(_table1_map(stored, fine, "W8-A8"), _fp32(stored, fine)),
+        "W8A8 zero-shot minus PTQ": _minus(_spread_value(stored, fine, "distilled mean"), _spread_value(stored, fine, "real")),
+        "W8A8 Gaussian minus distilled": _minus(_spread_value(stored, fine, "gaussian"),
+                                                _spread_value(stored, fine, "distilled mean")),
+        "W8A4 MSE calibrator, real minus Gaussian": _minus(w8a4("mse", "real"), w8a4("mse", "gaussian")),
+        "pretrained: FP32 minus W8A8 zero-shot": _minus(_fp32(stored, pre), _table1_map(stored, pre, "W8-A8")),
+    }
+
+
 def table_seeds(storeds: list[Stored]) -> pd.DataFrame:
     """The tiny verdicts side by side, one column per batch (another seed and data draw each), every
     cell read from that batch's stored comparison (notebook 06) and DF-MPC (05) metrics: which

@@ -1,0 +1,1 @@
+"""Measuring tools run by `make benchmarks` and `make verify`; not imported by the notebooks."""
