@@ -192,10 +192,11 @@ class BNStatisticsLoss:
     sums run in another order.
     """
 
-    def __init__(self, module: nn.Module, loss: str = "mean", input_stats: bool = True):
+    def __init__(self, module: nn.Module, loss: str = "mean", input_stats: bool = True, stop_at_last: bool = True):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.module, self.loss, self.input_stats = module, loss, input_stats
+        self.stop_at_last = stop_at_last  # False: the forward runs on (`run` returns its output, e.g. a detector's features)
         self.layers = bn_layers(module)
         if not self.layers:
             raise ValueError("the module has no BatchNorm layers with running statistics to distill from")
@@ -218,7 +219,7 @@ class BNStatisticsLoss:
             last = len(self.seen) == len(self.layers)
             if last or bn.training or x.dim() != 4 or not hasattr(bn, "eps"):
                 self._stats.append(self._statistics(x))
-                if last:  # nothing after the last BN layer feeds the loss
+                if last and self.stop_at_last:  # nothing after the last BN layer feeds the loss
                     raise _StopForward
                 return own_forward(x)
             if self._squares:
@@ -268,11 +269,18 @@ class BNStatisticsLoss:
         self._patched = []
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.run(images)[1]
+
+    def run(self, images: torch.Tensor, forward=None) -> tuple[object, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(output of `forward(images)` (default: the module; None when stopped at the last BN layer),
+        (total, mean_term, std_term)). A `forward` that runs more than the module (a whole detector
+        around its backbone body) needs `stop_at_last=False`."""
         if not self._patched:
             raise RuntimeError("use BNStatisticsLoss inside a `with` block")
         self.seen, self._stats = [], []
+        output = None
         try:
-            self.module(images)
+            output = (forward or self.module)(images)
         except _StopForward:
             pass
         if len(self.seen) != len(self.layers):
@@ -287,11 +295,11 @@ class BNStatisticsLoss:
         # sum / batch / L: the same scalar factors, in the same order, as each layer's .sum(1).mean() / L
         mean_term = (mu - mean_target).pow(2).sum() / batch / layers
         if not self._squares:
-            return mean_term, mean_term, torch.zeros((), device=images.device)
+            return output, (mean_term, mean_term, torch.zeros((), device=images.device))
         mean_square = torch.cat([s for _, s, _ in self._stats], 1)
         var = ((mean_square - mu * mu) * unbiased).clamp(min=0.0)
         std_term = ((var + STD_EPS).sqrt() - std_target).pow(2).sum() / batch / layers
-        return mean_term + std_term, mean_term, std_term
+        return output, (mean_term + std_term, mean_term, std_term)
 
 
 @dataclass
