@@ -7,6 +7,8 @@ metrics.json and `params/paper_reference.yaml`); nothing is recomputed. mAP is i
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import partial
 from itertools import combinations
 
 import numpy as np
@@ -17,6 +19,11 @@ from helpers import quant, runs
 
 REFERENCE = runs.ROOT / "params" / "paper_reference.yaml"
 PAPER_SETTING = "W8A8"
+# A claim "holds" only with an effect of the paper's order: at least this share of the paper's
+# relative effect, in the claimed direction and beyond the spread. A right direction with a smaller
+# (or unseparated) effect is its own verdict, "direction only", never "holds".
+EFFECT_SHARE = 1 / 3
+VERDICTS = ("holds", "direction only", "does not hold")
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
@@ -29,10 +36,12 @@ def paper_reference(paper: str = "zsq_infrared_retinanet") -> dict:
 
 
 def source_label(params: dict) -> str:
-    """'real', 'gaussian', 'distilled mean', 'distilled mean+std', 'distilled mean (unclamped)'."""
+    """'real', 'gaussian' (and the other noise sources), 'distilled mean', 'distilled mean+std',
+    'distilled mean (unclamped)'; ' (asymmetric)' is appended for runs of the asymmetric scheme."""
+    scheme = "" if params.get("SYMMETRIC", True) else " (asymmetric)"
     if params["SOURCE"] != "distilled":
-        return params["SOURCE"]
-    return f"distilled {params['DISTILL_LOSS']}" + ("" if params["DISTILL_CLAMP"] else " (unclamped)")
+        return params["SOURCE"] + scheme
+    return f"distilled {params['DISTILL_LOSS']}" + ("" if params["DISTILL_CLAMP"] else " (unclamped)") + scheme
 
 
 def calibration_runs(**match) -> list[runs.Run]:
@@ -43,7 +52,9 @@ def calibration_runs(**match) -> list[runs.Run]:
 
 
 STAGE_ORDER = ("finetune", "pretrain")
-SOURCE_ORDER = ("real", "distilled mean", "distilled mean+std", "distilled mean (unclamped)", "gaussian")
+NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")  # zsq.NOISE_SOURCES
+SOURCE_ORDER = ("real", "distilled mean", "distilled mean+std", "distilled mean (unclamped)", *NOISE_SOURCES,
+                "real (asymmetric)", "distilled mean (asymmetric)", "gaussian (asymmetric)")
 
 
 def _display_order(key: tuple[str, str]) -> tuple[int, int, str]:
@@ -153,6 +164,44 @@ def range_ratios(ranges: dict[str, dict[str, float]], reference: str = "real") -
     return pd.DataFrame(records)
 
 
+def noise_variants(table: pd.DataFrame, stage: str = "finetune", settings=("W8A8", "W8A4", "W4A8"),
+                   reference: str = "distilled mean", share: float = EFFECT_SHARE) -> pd.DataFrame:
+    """Every noise source against the zero-shot reference per bit setting: mean and std over batches, the
+    gap as a share of the reference's mAP, and whether it is a collapse of the paper's order (the
+    Gaussian claim's rule: at least `share` of the paper's 38.5 % relative gap, beyond the larger std)."""
+    ref = paper_reference()
+    paper_effect = 1 - ref["gaussian_w8a8_map"][stage] / ref["table1"][stage]["w8a8_map"]
+    part = table[table["stage"] == stage].set_index(["source", "setting"])
+    records = []
+    for setting in settings:
+        if (reference, setting) not in part.index:
+            continue
+        base = part.loc[(reference, setting)]
+        for source in NOISE_SOURCES:
+            if (source, setting) not in part.index:
+                continue
+            row = part.loc[(source, setting)]
+            effect, spread = (base["mean"] - row["mean"]) / base["mean"], max(base["std"], row["std"]) / base["mean"]
+            records.append({"setting": setting, "source": source, "mean": row["mean"], "std": row["std"],
+                            "batches": int(row["count"]), f"{reference}": base["mean"], "gap": base["mean"] - row["mean"],
+                            "gap_share": effect, "collapse_like_paper": effect_verdict(effect, spread, paper_effect, share) == "holds"})
+    return pd.DataFrame(records)
+
+
+def scheme_table(table: pd.DataFrame, stage: str = "finetune", sources=("real", "distilled mean", "gaussian")) -> pd.DataFrame:
+    """Symmetric (TensorRT's) against asymmetric (the paper's Formula 1) quantization per source and setting."""
+    part = table[table["stage"] == stage].set_index(["source", "setting"])
+    records = []
+    for source in sources:
+        for setting in part.loc[f"{source} (asymmetric)"].index if f"{source} (asymmetric)" in part.index.get_level_values(0) else []:
+            if (source, setting) not in part.index:
+                continue
+            sym, asym = part.loc[(source, setting)], part.loc[(f"{source} (asymmetric)", setting)]
+            records.append({"source": source, "setting": setting, "symmetric": sym["mean"], "symmetric_std": sym["std"],
+                            "asymmetric": asym["mean"], "asymmetric_std": asym["std"], "asym_minus_sym": asym["mean"] - sym["mean"]})
+    return pd.DataFrame(records)
+
+
 def calibrator_rankings(table: pd.DataFrame) -> pd.DataFrame:
     """Per calibrator: sources by mean mAP, best first, and whether adjacent ones differ by more than their std."""
     records = []
@@ -245,66 +294,205 @@ def sweep_table(rows: pd.DataFrame, setting: str = PAPER_SETTING) -> pd.DataFram
     return table
 
 
-def _claim(claim: str, paper, ours, holds: bool, rule: str) -> dict:
-    return {"claim": claim, "paper": paper, "ours (tiny)": ours, "holds at tiny scale": bool(holds), "rule": rule}
+
+
+def effect_verdict(ours: float, spread: float, paper: float | None, share: float = EFFECT_SHARE) -> str:
+    """Verdict on a signed effect (positive = the claim's direction), all relative to their baseline.
+
+    ours / paper: our and the paper's effect as a share of mAP (e.g. 0.38 for a 12-point gap on 31.2);
+    spread: the noise on ours in the same unit. `paper=None` (the paper gives no number) judges the
+    direction and the separation only.
+    """
+    if ours <= 0:
+        return "does not hold"
+    large = paper is None or ours >= share * paper
+    return "holds" if ours > spread and large else "direction only"
+
+
+@dataclass
+class ClaimContext:
+    """What the claim rules read: the spread table of the batch's 04 rows, FP32 mAP, sizes, the paper's numbers."""
+    table: pd.DataFrame
+    fp32: dict[str, float]
+    sizes: dict[str, float]
+    ref: dict
+    pixel_spread: dict[str, float] | None = None
+    colour_change: pd.DataFrame | None = None
+
+    def stat(self, stage: str, source: str, column: str = "mean", setting: str = PAPER_SETTING) -> float | None:
+        t = self.table
+        hit = t[(t["stage"] == stage) & (t["source"] == source) & (t["setting"] == setting)]
+        return float(hit[column].iloc[0]) if len(hit) else None
+
+
+def _claim(claim: str, paper: str, ours: str, verdict: str, rule: str, paper_effect: float | None = None,
+           our_effect: float | None = None, spread: float | None = None, by_effect: bool = False) -> dict:
+    """One row of the claims table; the effects are shares of mAP (None where the claim is not a gap).
+    `by_effect`: the verdict is `effect_verdict` of our effect against the paper's."""
+    assert verdict in VERDICTS, verdict
+    return {"claim": claim, "paper": paper, "ours": ours, "verdict": verdict, "holds": verdict == "holds", "rule": rule,
+            "paper_effect": paper_effect, "our_effect": our_effect, "spread": spread, "by_effect": by_effect}
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f} %"
+
+
+def claim_loses_little(c: ClaimContext, stage: str) -> dict | None:
+    zsq, paper = c.stat(stage, "distilled mean"), c.ref["table1"][stage]
+    if zsq is None or stage not in c.fp32:
+        return None
+    drop, paper_drop = (c.fp32[stage] - zsq) / c.fp32[stage], (paper["fp32_map"] - paper["w8a8_map"]) / paper["fp32_map"]
+    spread = c.stat(stage, "distilled mean", "std") / c.fp32[stage]
+    verdict = "holds" if drop <= 2 * paper_drop + spread else "does not hold"
+    return _claim(f"{stage}: W8A8 zero-shot (mean-only) loses little mAP",
+                  f"{paper['fp32_map']} -> {paper['w8a8_map']} ({_pct(paper_drop)} of FP32)",
+                  f"{c.fp32[stage]:.2f} -> {zsq:.2f} ({_pct(drop)} of FP32)", verdict,
+                  "relative drop <= twice the paper's (+ one batch std)", paper_drop, drop, spread)
+
+
+def claim_mean_only_better(c: ClaimContext, stage: str) -> dict | None:
+    zsq, mean_std = c.stat(stage, "distilled mean"), c.stat(stage, "distilled mean+std")
+    if zsq is None or mean_std is None:
+        return None
+    spread = max(c.stat(stage, "distilled mean", "std"), c.stat(stage, "distilled mean+std", "std")) / zsq
+    effect = (zsq - mean_std) / zsq
+    return _claim(f"{stage}: mean-only loss beats mean+std at W8A8", "mean-only better (Fig. 2; no number)",
+                  f"{zsq:.2f} vs {mean_std:.2f}", effect_verdict(effect, spread, None),
+                  "mean-only above mean+std beyond the larger batch std (the paper gives no size)", None, effect, spread)
+
+
+def claim_gaussian_far_worse(c: ClaimContext, stage: str) -> dict | None:
+    zsq, gauss = c.stat(stage, "distilled mean"), c.stat(stage, "gaussian")
+    if zsq is None or gauss is None:
+        return None
+    paper_zsq, paper_gauss = c.ref["table1"][stage]["w8a8_map"], c.ref["gaussian_w8a8_map"][stage]
+    paper_effect, effect = (paper_zsq - paper_gauss) / paper_zsq, (zsq - gauss) / zsq
+    spread = max(c.stat(stage, "gaussian", "std"), c.stat(stage, "distilled mean", "std")) / zsq
+    return _claim(f"{stage}: Gaussian-noise calibration is far worse",
+                  f"{paper_gauss} vs {paper_zsq} (gap {paper_zsq - paper_gauss:.1f}, {_pct(paper_effect)})",
+                  f"{gauss:.2f} vs {zsq:.2f} (gap {zsq - gauss:.2f}, {_pct(effect)})",
+                  effect_verdict(effect, spread, paper_effect),
+                  f"gap >= {EFFECT_SHARE:.2g} of the paper's relative gap and > the larger batch std",
+                  paper_effect, effect, spread, by_effect=True)
+
+
+def claim_finetuned_drops_less(c: ClaimContext) -> dict | None:
+    if not {"finetune", "pretrain"} <= set(c.fp32) or None in (c.stat("finetune", "distilled mean"),
+                                                               c.stat("pretrain", "distilled mean")):
+        return None
+    rel = {s: (c.fp32[s] - c.stat(s, "distilled mean")) / c.fp32[s] for s in ("finetune", "pretrain")}
+    t = c.ref["table1"]
+    paper_rel = {s: (t[s]["fp32_map"] - t[s]["w8a8_map"]) / t[s]["fp32_map"] for s in ("finetune", "pretrain")}
+    spread = max(c.stat(s, "distilled mean", "std") / c.fp32[s] for s in ("finetune", "pretrain"))
+    effect, paper_effect = rel["pretrain"] - rel["finetune"], paper_rel["pretrain"] - paper_rel["finetune"]
+    return _claim("zero-shot does slightly better (relative drop) on the fine-tuned model",
+                  f"{_pct(paper_rel['finetune'])} vs {_pct(paper_rel['pretrain'])}",
+                  f"{_pct(rel['finetune'])} vs {_pct(rel['pretrain'])}", effect_verdict(effect, spread, paper_effect),
+                  f"pretrained minus fine-tuned relative drop >= {EFFECT_SHARE:.2g} of the paper's and > the larger batch std",
+                  paper_effect, effect, spread, by_effect=True)
+
+
+def claim_zsq_matches_ptq(c: ClaimContext) -> dict | None:
+    ptq, zsq = c.stat("finetune", "real"), c.stat("finetune", "distilled mean")
+    if ptq is None or zsq is None:
+        return None
+    fig3 = c.ref["fig3"]
+    spread = max(c.stat("finetune", "real", "std"), c.stat("finetune", "distilled mean", "std")) / ptq
+    paper_gap, gap = abs(fig3["zsq_mean"] - fig3["ptq_mean"]) / fig3["ptq_mean"], abs(zsq - ptq) / ptq
+    verdict = "holds" if gap <= max(spread, paper_gap) else "does not hold"
+    return _claim("fine-tuned W8A8: zero-shot mean mAP matches PTQ", f"{fig3['zsq_mean']} vs {fig3['ptq_mean']}",
+                  f"{zsq:.2f} vs {ptq:.2f}", verdict, "|ZSQ - PTQ| <= the larger batch std (or the paper's gap)",
+                  paper_gap, gap, spread)
+
+
+def claim_zsq_spread_smaller(c: ClaimContext) -> dict | None:
+    ptq_std, zsq_std = c.stat("finetune", "real", "std"), c.stat("finetune", "distilled mean", "std")
+    if ptq_std is None or zsq_std is None:
+        return None
+    verdict = ("holds" if zsq_std <= 2 / 3 * ptq_std else "direction only" if zsq_std < ptq_std else "does not hold")
+    return _claim("fine-tuned W8A8: zero-shot spread over batches is much smaller than PTQ's",
+                  f"much smaller (PTQ min {c.ref['fig3']['ptq_min']})", f"std {zsq_std:.2f} vs {ptq_std:.2f}", verdict,
+                  "ZSQ std <= 2/3 of PTQ's ('much smaller'); smaller but not by that: direction only")
+
+
+def claim_four_times_smaller(c: ClaimContext) -> dict | None:
+    if not c.sizes:
+        return None
+    return _claim("W8 weights make the model 4x smaller", "145.7 -> 36.4 MB (4.0x)",
+                  ", ".join(f"{s} {v:.2f}x" for s, v in c.sizes.items()),
+                  "holds" if min(c.sizes.values()) > 3.5 else "does not hold", "serialised int8 state dict > 3.5x smaller")
+
+
+def claim_gray_images(c: ClaimContext) -> dict | None:
+    if not c.pixel_spread or not {"finetune", "pretrain"} <= set(c.pixel_spread):
+        return None
+    fine, pre = c.pixel_spread["finetune"], c.pixel_spread["pretrain"]
+    verdict = "holds" if fine < 0.5 * pre else "direction only" if fine < pre else "does not hold"
+    return _claim("distilled images of the fine-tuned model are close to gray, the pretrained model's coloured",
+                  "Fig. 4", f"channel spread {fine:.3f} vs {pre:.3f}", verdict, "finetune spread < half of pretrain's")
+
+
+def claim_gray_change(c: ClaimContext) -> dict | None:
+    if c.colour_change is None or not {"finetune", "pretrain"} <= set(c.colour_change["stage"]):
+        return None
+    last = c.colour_change.sort_values("iteration").groupby("stage")["colour_share"].last()
+    verdict = ("holds" if last["finetune"] < 0.75 * last["pretrain"] else
+               "direction only" if last["finetune"] < last["pretrain"] else "does not hold")
+    return _claim("what distillation paints on the fine-tuned model's images is gray, on the pretrained model's coloured",
+                  "Fig. 4", f"colour share of the change {last['finetune']:.2f} vs {last['pretrain']:.2f}", verdict,
+                  "finetune colour share < 3/4 of pretrain's")
+
+
+# The core paper's claims, in the order the claims table lists them; each rule returns None when the
+# batch lacks the runs it needs.
+CLAIMS = (
+    *(partial(rule, stage=stage) for stage in ("finetune", "pretrain")
+      for rule in (claim_loses_little, claim_mean_only_better, claim_gaussian_far_worse)),
+    claim_finetuned_drops_less, claim_zsq_matches_ptq, claim_zsq_spread_smaller, claim_four_times_smaller,
+    claim_gray_images, claim_gray_change,
+)
 
 
 def claims(rows: pd.DataFrame, calibration: list[runs.Run], pixel_spread: dict[str, float] | None = None,
            colour_change: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Each claim of the paper, its number, ours, and whether it holds by the stated rule."""
-    ref = paper_reference()
-    table = spread_table(rows)
-    fp32 = fp32_map(calibration)
+    """Each claim of the paper, its number and effect, ours, and the verdict by the stated rule."""
+    context = ClaimContext(spread_table(rows), fp32_map(calibration),
+                           {r.params["STAGE"]: r.metrics()["size"]["ratio"] for r in calibration},
+                           paper_reference(), pixel_spread, colour_change)
+    return pd.DataFrame([row for rule in CLAIMS if (row := rule(context)) is not None])
 
-    def stat(stage, source, column="mean", setting=PAPER_SETTING):
-        hit = table[(table["stage"] == stage) & (table["source"] == source) & (table["setting"] == setting)]
-        return float(hit[column].iloc[0]) if len(hit) else None
 
-    out = []
-    for stage in ("finetune", "pretrain"):
-        zsq, paper = stat(stage, "distilled mean"), ref["table1"][stage]
-        if zsq is not None and stage in fp32:
-            drop, paper_drop = fp32[stage] - zsq, paper["fp32_map"] - paper["w8a8_map"]
-            out.append(_claim(f"{stage}: W8A8 zero-shot (mean-only) loses little mAP",
-                              f"{paper['fp32_map']} -> {paper['w8a8_map']} (-{paper_drop:.1f})",
-                              f"{fp32[stage]:.2f} -> {zsq:.2f} ({-drop:+.2f})", drop <= 1.5, "drop <= 1.5 points"))
-        mean_std = stat(stage, "distilled mean+std")
-        if zsq is not None and mean_std is not None:
-            out.append(_claim(f"{stage}: mean-only loss beats mean+std at W8A8", "mean-only better (Fig. 2)",
-                              f"{zsq:.2f} vs {mean_std:.2f}", zsq > mean_std, "mean-only mean mAP > mean+std"))
-        gauss = stat(stage, "gaussian")
-        if gauss is not None and zsq is not None:
-            out.append(_claim(f"{stage}: Gaussian-noise calibration is far worse", f"{ref['gaussian_w8a8_map'][stage]} vs {paper['w8a8_map']}",
-                              f"{gauss:.2f} vs {zsq:.2f}", zsq - gauss > max(stat(stage, "gaussian", "std"), stat(stage, "distilled mean", "std")),
-                              "distilled mean - Gaussian mean > larger batch std"))
-    if all(s in fp32 for s in ("finetune", "pretrain")):
-        rel = {s: (fp32[s] - stat(s, "distilled mean")) / fp32[s] for s in fp32 if stat(s, "distilled mean") is not None}
-        if len(rel) == 2:
-            out.append(_claim("zero-shot does slightly better (relative drop) on the fine-tuned model",
-                              "3.4 % vs 3.6 %", f"{100 * rel['finetune']:.1f} % vs {100 * rel['pretrain']:.1f} %",
-                              rel["finetune"] <= rel["pretrain"], "relative drop finetune <= pretrain"))
-    ptq, zsq = stat("finetune", "real"), stat("finetune", "distilled mean")
-    if ptq is not None and zsq is not None:
-        ptq_std, zsq_std = stat("finetune", "real", "std"), stat("finetune", "distilled mean", "std")
-        fig3 = ref["fig3"]
-        out.append(_claim("fine-tuned W8A8: zero-shot mean mAP matches PTQ", f"{fig3['zsq_mean']} vs {fig3['ptq_mean']}",
-                          f"{zsq:.2f} vs {ptq:.2f}", abs(zsq - ptq) <= max(ptq_std, zsq_std),
-                          "|ZSQ - PTQ| <= larger batch std"))
-        out.append(_claim("fine-tuned W8A8: zero-shot spread over batches is smaller than PTQ's",
-                          f"smaller (PTQ min {fig3['ptq_min']})", f"std {zsq_std:.2f} vs {ptq_std:.2f}", zsq_std < ptq_std,
-                          "ZSQ std < PTQ std"))
-    sizes = {r.params["STAGE"]: r.metrics()["size"]["ratio"] for r in calibration}
-    if sizes:
-        out.append(_claim("W8 weights make the model 4x smaller", "145.7 -> 36.4 MB (4.0x)",
-                          ", ".join(f"{s} {v:.2f}x" for s, v in sizes.items()), min(sizes.values()) > 3.5,
-                          "serialised int8 state dict > 3.5x smaller"))
-    if pixel_spread and {"finetune", "pretrain"} <= set(pixel_spread):
-        out.append(_claim("distilled images of the fine-tuned model are close to gray, the pretrained model's coloured",
-                          "Fig. 4", f"channel spread {pixel_spread['finetune']:.3f} vs {pixel_spread['pretrain']:.3f}",
-                          pixel_spread["finetune"] < 0.5 * pixel_spread["pretrain"], "finetune spread < half of pretrain's"))
-    if colour_change is not None and {"finetune", "pretrain"} <= set(colour_change["stage"]):
-        last = colour_change.sort_values("iteration").groupby("stage")["colour_share"].last()
-        out.append(_claim("what distillation paints on the fine-tuned model's images is gray, on the pretrained model's coloured",
-                          "Fig. 4", f"colour share of the change {last['finetune']:.2f} vs {last['pretrain']:.2f}",
-                          last["finetune"] < 0.75 * last["pretrain"], "finetune colour share < 3/4 of pretrain's"))
-    return pd.DataFrame(out)
+def _weaker(verdicts: list[str]) -> str:
+    """The verdict most batches give; a tie goes to the weaker one."""
+    counts = {v: verdicts.count(v) for v in VERDICTS}
+    return max(reversed(VERDICTS), key=lambda v: counts[v])
+
+
+def claims_over_seeds(claims_by_batch: dict[str, list[dict]], share: float = EFFECT_SHARE) -> pd.DataFrame:
+    """Every claim over several batches (seeds): the paper's effect, ours as mean +- std over the
+    batches, how often each verdict came out, and one verdict over all of them. Where the claim is a
+    gap with a number on both sides, that verdict is `effect_verdict` of the seed mean against the
+    seed std (so a gap must stand out of the seed-to-seed spread as well); elsewhere it is the verdict
+    most batches give (a tie goes to the weaker)."""
+    order = list(dict.fromkeys(c["claim"] for rows in claims_by_batch.values() for c in rows))
+    records = []
+    for name in order:
+        rows = [next((c for c in batch if c["claim"] == name), None) for batch in claims_by_batch.values()]
+        present = [r for r in rows if r is not None]
+        verdicts = [r.get("verdict") or ("holds" if r.get("holds at tiny scale") else "does not hold") for r in present]
+        effects = [r["our_effect"] for r in present if r.get("our_effect") is not None]
+        paper_effect = present[0].get("paper_effect")
+        mean = float(np.mean(effects)) if effects else None
+        std = float(np.std(effects, ddof=1)) if len(effects) > 1 else None
+        gap_rule = bool(present[0].get("by_effect")) and mean is not None and std is not None
+        overall = effect_verdict(mean, std, paper_effect, share) if gap_rule else _weaker(verdicts)
+        records.append({"claim": name, "paper": present[0]["paper"], "paper effect": _pct(paper_effect),
+                        "ours, mean +- std over batches": "n/a" if mean is None else
+                        f"{_pct(mean)} +- {_pct(std)}" if std is not None else _pct(mean),
+                        "batches": len(present),
+                        "verdicts": ", ".join(f"{v} {verdicts.count(v)}" for v in VERDICTS if verdicts.count(v)),
+                        "verdict over batches": overall,
+                        "rule over batches": ("effect of the seed mean vs the seed std, as each batch's rule" if gap_rule
+                                              else "the verdict most batches give (tie: the weaker)")})
+    return pd.DataFrame(records)

@@ -113,9 +113,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- run identity
+# Parameters added to a notebook after its runs were committed, each with the value that reproduces
+# what the notebook did before it existed. At that value a parameter is left out of the run id, so
+# the committed runs keep their ids (and their results stay valid); any other value makes a new run.
+LATER_PARAMETERS = {"SYMMETRIC": True}  # notebook 04: the quantization scheme (symmetric was the only one)
+
+
 def run_id(params: dict) -> str:
-    """Short stable hash of the resolved parameters."""
-    blob = json.dumps(params, sort_keys=True, default=str)
+    """Short stable hash of the resolved parameters (less `LATER_PARAMETERS` at their earlier behaviour)."""
+    hashed = {k: v for k, v in params.items() if not (k in LATER_PARAMETERS and v == LATER_PARAMETERS[k])}
+    blob = json.dumps(hashed, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 

@@ -8,7 +8,14 @@ the run folder as soon as it is measured, so an interrupted run resumes where it
 Calibration sources (all in batches of `batch_size`, paper: 8):
 - "real": consecutive training images, batch k = images [k*8, k*8 + 8) in file order (paper 4.2.3);
 - "distilled": images of a `03_distill_calibration_data` run, already in the normalised input space;
-- "gaussian": N(0, 1) noise in the normalised input space at the detector's input size.
+- "gaussian": N(0, 1) noise in the normalised input space at the detector's input size (the bundle's
+  reading of the paper's "Gaussian noise" calibration data);
+- the other noise sources, to find which reading of "Gaussian noise" makes calibration collapse as in
+  the paper (section 4.3), all fed as pixel images through the detector's transform (normalised and
+  resized like a camera frame): "gaussian-pixel", N(0, 1) pixels (what `torch.randn` images give a
+  torchvision detector); "uniform-pixel", U(0, 1) over the pixel range; "gaussian-512x640", N(0, 1)
+  pixels at the paper's input size, resized by the transform; "gaussian-matched", pixels from N(m, s)
+  per channel, with m and s the mean and std of the detector's training images.
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ from tqdm.auto import tqdm
 
 from helpers import config, data, distill, evaluate, models, quant, runs
 
-SOURCES = ("distilled", "real", "gaussian")
+NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")
+SOURCES = ("distilled", "real", *NOISE_SOURCES)
+PAPER_INPUT_SIZE = (512, 640)  # FLIR ADAS frames, the paper's input size (H, W)
 _SETTING = re.compile(r"^W(\d)A(\d)$")
 
 
@@ -75,6 +84,55 @@ def gaussian_batches(n_batches: int, batch_size: int, image_size: tuple[int, int
     return [torch.randn(batch_size, 3, *image_size, generator=g) for _ in range(n_batches)]
 
 
+def pixel_moments(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of a dataset's images in [0, 1] pixels (over every pixel of every image)."""
+    total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for i in range(len(dataset)):
+        image = dataset[i][0].double().flatten(1)
+        total, squares, count = total + image.sum(1), squares + (image ** 2).sum(1), count + image.shape[1]
+    mean = total / count
+    return mean.float(), (squares / count - mean ** 2).clamp(min=0).sqrt().float()
+
+
+def noise_batches(kind: str, n_batches: int, batch_size: int, model, seed: int,
+                  train_set=None) -> tuple[list, bool]:
+    """Calibration batches of one noise source (see the module docstring) and whether they are already in
+    the normalised input space (only "gaussian" is). "gaussian-matched" needs the detector's training set."""
+    if kind == "gaussian":
+        return gaussian_batches(n_batches, batch_size, image_size(model), seed), True
+    if kind not in NOISE_SOURCES:
+        raise ValueError(f"noise source must be one of {NOISE_SOURCES}, got {kind!r}")
+    size = PAPER_INPUT_SIZE if kind == "gaussian-512x640" else image_size(model)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian-matched":
+        if train_set is None:
+            raise ValueError("'gaussian-matched' noise takes its per-channel mean and std from the training set: pass train_set")
+        mean, std = (v[None, :, None, None] for v in pixel_moments(train_set))
+    draw = torch.rand if kind == "uniform-pixel" else torch.randn
+    batches = []
+    for _ in range(n_batches):
+        x = draw(batch_size, 3, *size, generator=g)
+        batches.append(x * std + mean if kind == "gaussian-matched" else x)
+    return batches, False
+
+
+def calibration_batches(source: str, detector: runs.Run, model, n_batches: int, batch_size: int, seed: int,
+                        distilled: runs.Run | None = None, sweep_iterations: list[int] = (), sweep_batches: int = 0):
+    """Notebook 04's calibration data: ({iteration or None: batches}, {swept iteration: batches}, normalized)."""
+    if source == "distilled":
+        snapshots = load_distilled(distilled)
+        final = max(snapshots)
+        batches = {final: split_batches(snapshots[final], batch_size, n_batches)}
+        return batches, {it: split_batches(snapshots[it], batch_size, sweep_batches) for it in sweep_iterations}, True
+    if source == "real":
+        return {None: real_batches(training_set(detector), n_batches, batch_size)}, {}, False
+    if source in NOISE_SOURCES:
+        train_set = training_set(detector) if source == "gaussian-matched" else None
+        batches, normalized = noise_batches(source, n_batches, batch_size, model, seed, train_set)
+        return {None: batches}, {}, normalized
+    raise ValueError(f"SOURCE must be one of {SOURCES}, got {source!r}")
+
+
 def split_batches(images: torch.Tensor, batch_size: int, n_batches: int) -> list[torch.Tensor]:
     """The first n_batches * batch_size images as batches; fails if there are not enough."""
     if n_batches * batch_size > len(images):
@@ -89,14 +147,19 @@ def load_distilled(run: runs.Run) -> dict[int, torch.Tensor]:
 
 
 def first_batches(detector: runs.Run, model: torch.nn.Module, seed: int = 0, batch_size: int = 8,
+                  sources: tuple[str, ...] = ("real", "distilled", "gaussian"),
                   **distilled_match) -> dict[str, tuple[torch.Tensor | list, bool]]:
     """Batch 0 of each source exactly as notebook 04 builds it: {source: (images, normalized)}.
     The distilled batch comes from the 03 run matching `distilled_match` (final iteration)."""
-    snapshots = load_distilled(runs.find_run("03_distill_calibration_data", STAGE=detector.params["STAGE"],
-                                             SEED=seed, DATA_ROOT=detector.params["DATA_ROOT"], **distilled_match))
-    return {"real": (real_batches(training_set(detector), 1, batch_size)[0], False),
-            "distilled": (split_batches(snapshots[max(snapshots)], batch_size, 1)[0], True),
-            "gaussian": (gaussian_batches(1, batch_size, image_size(model), seed)[0], True)}
+    out = {}
+    for source in sources:
+        distilled = None
+        if source == "distilled":
+            distilled = runs.find_run("03_distill_calibration_data", STAGE=detector.params["STAGE"], SEED=seed,
+                                      DATA_ROOT=detector.params["DATA_ROOT"], **distilled_match)
+        batches, _, normalized = calibration_batches(source, detector, model, 1, batch_size, seed, distilled)
+        out[source] = (next(iter(batches.values()))[0], normalized)
+    return out
 
 
 def calibrated_ranges(model: torch.nn.Module, batch, normalized: bool, a_bits: int = 8,
@@ -140,7 +203,7 @@ def done_keys(rows: list[dict]) -> set[tuple]:
 
 def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bool, val_set, settings: list[str],
              rows_path: Path, calibrator: str = "percentile", percentile: float = 99.99,
-             progress: bool | None = None) -> list[dict]:
+             progress: bool | None = None, symmetric: bool = True) -> list[dict]:
     """Evaluate every (setting, iteration, batch) not yet in `rows_path`, appending one row each.
 
     `batches_by_iteration` maps a distillation iteration (None for real/noise sources) to its batches.
@@ -148,7 +211,7 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     """
     for setting in settings:
         parse_setting(setting)
-    quant.check_calibrator(calibrator, True, percentile)
+    quant.check_calibrator(calibrator, symmetric, percentile)
     rows = runs.read_jsonl(rows_path)
     done = done_keys(rows)
     grid = [(s, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
@@ -158,10 +221,12 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     copy_setting, copy = None, None  # the grid is setting-major: quantize weights once per setting
     for setting, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
         if setting != copy_setting:
-            copy_setting, copy = setting, quantized_copy(model, setting, calibrator, percentile)
+            copy_setting, copy = setting, quantized_copy(model, setting, calibrator, percentile, symmetric)
         result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
-                               calibrator, percentile, quantized=copy)
+                               calibrator, percentile, symmetric, quantized=copy)
         row = {"setting": setting, "iteration": iteration, "batch": b, **result}
+        if not symmetric:  # rows made before the scheme was a parameter are all symmetric
+            row["scheme"] = "asymmetric"
         runs.append_jsonl(rows_path, row)
         rows.append(row)
     by_key = {(r["setting"], r["iteration"], r["batch"]): r for r in rows}

@@ -1,5 +1,6 @@
 """Run grouping and the calibrator comparison of `helpers.compare` on a small stored results tree."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from helpers import compare, runs
@@ -75,3 +76,45 @@ def test_colour_of_change_separates_gray_from_colour_updates():
     assert list(table.index) == ["finetune", "pretrain"] and (table["iteration"] == 5).all()
     assert table.loc["finetune", "colour_share"] < 0.05  # clipping at 0/255 is the only colour
     assert abs(table.loc["pretrain", "colour_share"] - compare.INDEPENDENT_CHANNELS_COLOUR_SHARE) < 0.08
+
+
+def test_a_small_gap_against_the_papers_large_one_is_direction_only():
+    # the issue's case: 0.3 points against the paper's 12 (on ~31 mAP), even when beyond the batch spread
+    assert compare.effect_verdict(0.3 / 31, spread=0.1 / 31, paper=12 / 31) == "direction only"
+    assert compare.effect_verdict(5.0 / 31, spread=0.1 / 31, paper=12 / 31) == "holds"  # > a third of the paper's
+    assert compare.effect_verdict(5.0 / 31, spread=6.0 / 31, paper=12 / 31) == "direction only"  # not separated
+    assert compare.effect_verdict(-0.3 / 31, spread=0.1 / 31, paper=12 / 31) == "does not hold"
+    assert compare.effect_verdict(0.02, spread=0.01, paper=None) == "holds"  # no paper number: separation only
+
+
+def _context(gauss_mean: float, gauss_std: float = 0.1) -> "compare.ClaimContext":
+    table = pd.DataFrame([{"stage": "finetune", "source": s, "setting": "W8A8", "mean": m, "std": sd}
+                          for s, m, sd in (("distilled mean", 31.0, 0.2), ("gaussian", gauss_mean, gauss_std))])
+    return compare.ClaimContext(table, {"finetune": 31.2}, {}, compare.paper_reference())
+
+
+def test_gaussian_claim_states_both_effects_and_needs_the_papers_order():
+    small = compare.claim_gaussian_far_worse(_context(30.7), "finetune")
+    assert small["verdict"] == "direction only" and not small["holds"]
+    assert small["paper_effect"] == pytest.approx((31.2 - 19.18) / 31.2) and small["our_effect"] == pytest.approx(0.3 / 31)
+    assert "gap 12.0" in small["paper"] and "gap 0.30" in small["ours"]
+    large = compare.claim_gaussian_far_worse(_context(20.0), "finetune")
+    assert large["verdict"] == "holds" and large["holds"]
+    assert compare.claim_gaussian_far_worse(_context(31.5), "finetune")["verdict"] == "does not hold"
+    assert compare.claim_gaussian_far_worse(_context(30.7), "pretrain") is None  # no pretrained runs: no row
+
+
+def test_claims_over_seeds_judge_the_seed_mean_against_the_seed_spread():
+    def gauss(effect, verdict):
+        return {"claim": "finetune: Gaussian-noise calibration is far worse", "paper": "19.18 vs 31.2", "rule": "gap",
+                "paper_effect": 0.385, "our_effect": effect, "verdict": verdict, "by_effect": True}
+    size = {"claim": "W8 weights make the model 4x smaller", "paper": "4.0x", "rule": "> 3.5x", "verdict": "holds"}
+    table = compare.claims_over_seeds({"a": [gauss(0.01, "direction only"), size], "b": [gauss(0.02, "direction only"), size],
+                                       "c": [gauss(0.5, "holds"), dict(size, verdict="does not hold")]}).set_index("claim")
+    far = table.loc["finetune: Gaussian-noise calibration is far worse"]
+    assert far["verdicts"] == "holds 1, direction only 2" and far["batches"] == 3
+    assert far["verdict over batches"] == "direction only"  # mean 17.7 % > a third of 38.5 %, but the seed std is larger
+    assert table.loc["W8 weights make the model 4x smaller", "verdict over batches"] == "holds"  # 2 of 3
+    old = {"claim": "x", "paper": "p", "rule": "r", "holds at tiny scale": True}  # stored before verdicts existed
+    assert compare.claims_over_seeds({"a": [old], "b": [dict(old, **{"holds at tiny scale": False})]}).loc[
+        0, "verdict over batches"] == "does not hold"

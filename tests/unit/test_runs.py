@@ -126,3 +126,9 @@ def test_batch_reports_a_run_that_did_not_reproduce():
     with pytest.warns(runs.RerunMismatch):
         run.finish({"AP": 0.3, "eval": {"AP50": 0.5}})
     assert batch.rerun_mismatch(entry) == ["AP", "eval"]
+
+
+def test_a_parameter_added_later_keeps_the_committed_run_ids_at_its_earlier_behaviour():
+    before = {"SOURCE": "real", "SEED": 0}
+    assert runs.run_id({**before, "SYMMETRIC": True}) == runs.run_id(before)  # what the notebook always did
+    assert runs.run_id({**before, "SYMMETRIC": False}) != runs.run_id(before)

@@ -110,3 +110,50 @@ def test_a_reused_quantized_copy_calibrates_like_a_fresh_one(detector):
     x = torch.rand(1, 3, 128, 160)
     with torch.inference_mode():
         assert all(torch.equal(u, v) for u, v in zip(reused.backbone(x).values(), fresh.backbone(x).values()))
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], {}
+
+
+def test_pixel_moments_are_per_channel_over_every_pixel():
+    images = [torch.stack([torch.full((4, 5), 0.2), torch.full((4, 5), 0.5), torch.rand(4, 5)]) for _ in range(3)]
+    mean, std = zsq.pixel_moments(_Images(images))
+    every = torch.stack(images).transpose(0, 1).flatten(1)
+    assert torch.allclose(mean, every.mean(1)) and torch.allclose(std, every.std(1, unbiased=False), atol=1e-6)
+
+
+def test_noise_sources_are_seeded_and_fed_as_the_docstring_says(detector):
+    h, w = zsq.image_size(detector)
+    assert zsq.noise_batches("gaussian", 2, 3, detector, 0)[1] is True  # normalised space, unchanged
+    for kind in ("gaussian-pixel", "uniform-pixel", "gaussian-512x640"):
+        batches, normalized = zsq.noise_batches(kind, 2, 3, detector, 7)
+        again, _ = zsq.noise_batches(kind, 2, 3, detector, 7)
+        assert not normalized and len(batches) == 2 and torch.equal(batches[1], again[1])
+        assert batches[0].shape == ((3, 3, 512, 640) if kind == "gaussian-512x640" else (3, 3, h, w))
+    uniform, _ = zsq.noise_batches("uniform-pixel", 1, 4, detector, 0)
+    assert 0 <= uniform[0].min() and uniform[0].max() <= 1
+    gray = [torch.stack([torch.full((h, w), 0.3 + 0.1 * c) + 0.05 * torch.randn(h, w) for c in range(3)]) for _ in range(4)]
+    matched, normalized = zsq.noise_batches("gaussian-matched", 1, 64, detector, 0, _Images(gray))
+    mean, std = zsq.pixel_moments(_Images(gray))
+    got = matched[0].transpose(0, 1).flatten(1)
+    assert not normalized and torch.allclose(got.mean(1), mean, atol=0.01) and torch.allclose(got.std(1), std, atol=0.01)
+    with pytest.raises(ValueError, match="pass train_set"):
+        zsq.noise_batches("gaussian-matched", 1, 2, detector, 0)
+    with pytest.raises(ValueError, match="noise source must be one of"):
+        zsq.noise_batches("pink", 1, 2, detector, 0)
+
+
+def test_an_asymmetric_grid_marks_its_rows(detector, val_set, tmp_path):
+    batches = {None: zsq.gaussian_batches(1, 2, zsq.image_size(detector), 0)}
+    rows = zsq.run_grid(detector, batches, True, val_set, ["W8A4"], tmp_path / "rows.jsonl", symmetric=False)
+    assert rows[0]["scheme"] == "asymmetric"
+    sym = zsq.run_grid(detector, batches, True, val_set, ["W8A4"], tmp_path / "sym.jsonl")
+    assert "scheme" not in sym[0]
