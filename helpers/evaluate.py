@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from helpers import distributed
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -55,12 +57,29 @@ def coco_map(ground_truth, detections: list[dict]) -> dict:
 
 
 def evaluate_detector(model, dataset, batch_size: int = 8, progress: bool | None = None) -> dict:
-    """mAP of `model` on a `helpers.data.CocoDetectionSet` (without the pycocotools log)."""
+    """mAP of `model` on a `helpers.data.CocoDetectionSet` (without the pycocotools log).
+
+    Inside a torchrun process group each rank predicts every N-th image and the detections are
+    gathered, in the dataset's image order, before COCOeval (the same list one process makes)."""
     from helpers.data import make_loader
-    loader = make_loader(dataset, batch_size, train=False)
-    metrics = coco_map(dataset.ground_truth(), predict(model, loader, dataset.label_to_cat, progress))
+    detections = (gather_predictions(model, dataset, batch_size, progress) if distributed.active() else
+                  predict(model, make_loader(dataset, batch_size, train=False), dataset.label_to_cat, progress))
+    metrics = coco_map(dataset.ground_truth(), detections)
     metrics.pop("log")
     return metrics
+
+
+def gather_predictions(model, dataset, batch_size: int = 8, progress: bool | None = None) -> list[dict]:
+    """`predict` over the whole dataset, each rank taking every N-th image, merged on every rank in image order."""
+    from helpers.data import make_loader
+    part = distributed.RankSubset(dataset)
+    mine = predict(model, make_loader(part, batch_size, train=False), dataset.label_to_cat,
+                   progress if distributed.is_writer() else False)
+    by_image: dict[int, list[dict]] = {}
+    for det in mine:
+        by_image.setdefault(det["image_id"], []).append(det)
+    per_image = distributed.gather_in_order([(i, by_image.get(int(dataset.ids[i]), [])) for i in part.indices])
+    return [det for dets in per_image for det in dets]
 
 
 def metrics_table(metrics: dict, digits: int = 3) -> str:

@@ -5,6 +5,11 @@
 losses (and optional validation mAP) to `train_log.jsonl`. Rerunning `fit` on the same folder
 resumes after the last finished epoch; a finished run does no training at all.
 Each epoch reseeds torch from (seed, epoch), so a resumed run equals an uninterrupted one.
+
+Several GPUs: `torchrun --nproc-per-node N -m helpers.train params/paper.yaml` trains the batch's
+notebook-02 runs with DistributedDataParallel (see `helpers.distributed` and `main`). Inside `fit`,
+the distributed path is taken only when a process group of more than one process is initialised;
+one process runs exactly the code it always ran.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from helpers import distributed
 from helpers.runs import append_jsonl, atomic_torch_save, read_jsonl, write_jsonl
 
 
@@ -75,7 +81,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, grad_clip: float = 0.0,
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
         losses = model([image.to(device, non_blocking=True) for image in images], targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        if distributed.any_rank(not torch.isfinite(loss)):  # every rank stops together (one process: as is)
             raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, iteration {it} "
                                    f"({ {k: v.item() for k, v in losses.items()} }); lower the learning rate "
                                    "or raise the warm-up, then rerun (training resumes from the last good epoch).")
@@ -89,7 +95,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, grad_clip: float = 0.0,
             sums[k] = sums.get(k, 0.0) + v.item()
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
         count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    return distributed.mean_over_ranks(means) if distributed.active() else means
 
 
 def fit(model: nn.Module, loader, schedule: Schedule, run_dir: str | Path, seed: int = 0,
@@ -110,39 +117,94 @@ def fit(model: nn.Module, loader, schedule: Schedule, run_dir: str | Path, seed:
     finished_log = read_jsonl(log_path)
     if (final_weights is not None and Path(final_weights).exists() and not ckpt_path.exists()
             and [row["epoch"] for row in finished_log] == list(range(schedule.epochs))):
-        model.load_state_dict(torch.load(final_weights, map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(load_checkpoint(final_weights)["model"])
         return finished_log
     optimizer = make_optimizer(model, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, len(loader)))
     start = 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, ("model", "optimizer", "lr_scheduler", "epoch"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         start = ckpt["epoch"] + 1
     logged = read_jsonl(log_path)
     log = [row for row in logged if row["epoch"] < start]
-    if len(log) != len(logged):  # epochs after the checkpoint (or all, without one) are trained and logged again
+    if len(log) != len(logged) and distributed.is_writer():  # epochs after the checkpoint (or all) are trained again
         write_jsonl(log_path, log)
-    kwargs = {} if progress is None else {"disable": not progress}
-    for epoch in tqdm(range(start, schedule.epochs), desc="training", initial=start, total=schedule.epochs, **kwargs):
-        torch.manual_seed(seed * 100_003 + epoch)
-        if getattr(loader, "generator", None) is not None:
-            loader.generator.manual_seed(seed * 100_003 + epoch)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        started = time.perf_counter()
-        row.update(train_one_epoch(model, optimizer, scheduler, loader, schedule.grad_clip, epoch, progress))
-        row["train_seconds"] = time.perf_counter() - started  # volatile: logged, never printed in notebooks
-        last = epoch == schedule.epochs - 1
-        if evaluate is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
-            row.update({f"val_{k}": v for k, v in evaluate(model).items() if isinstance(v, (int, float))})
-        atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
-                                      "args": asdict(schedule)})
-        append_jsonl(log_path, row)
-        log.append(row)
+    kwargs = {} if progress is None else {"disable": not progress or not distributed.is_writer()}
+    sampler = getattr(loader, "sampler", None)
+    with distributed.synced_batchnorm(model):
+        net = distributed.wrap(model)  # DDP in a process group, `model` itself otherwise
+        for epoch in tqdm(range(start, schedule.epochs), desc="training", initial=start, total=schedule.epochs, **kwargs):
+            # rank 0 draws the single process's augmentation; the others their own, reproducible draws
+            torch.manual_seed(seed * 100_003 + epoch + 1_000_003 * distributed.rank())
+            if getattr(loader, "generator", None) is not None:
+                loader.generator.manual_seed(seed * 100_003 + epoch)
+            if isinstance(sampler, torch.utils.data.DistributedSampler):  # the same order from the same seed
+                sampler.seed = seed
+                sampler.set_epoch(epoch)
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            started = time.perf_counter()
+            row.update(train_one_epoch(net, optimizer, scheduler, loader, schedule.grad_clip, epoch, progress))
+            row["train_seconds"] = time.perf_counter() - started  # volatile: logged, never printed in notebooks
+            last = epoch == schedule.epochs - 1
+            if evaluate is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
+                row.update({f"val_{k}": v for k, v in evaluate(model).items() if isinstance(v, (int, float))})
+            if distributed.is_writer():
+                atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
+                                              "args": asdict(schedule)})
+                append_jsonl(log_path, row)
+            log.append(row)
+    distributed.barrier()  # the other ranks return once rank 0's files are complete
     return log
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, truncated or not the kind expected; the message names the fix."""
+
+
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("model",)) -> dict:
+    """Read a checkpoint written by this module with `weights_only=True` (tensors, numbers, strings and
+    containers only: no code runs while loading) and check that it holds `keys`."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, pickled objects other than weights
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {str(err)[:200]}). "
+                              "It is corrupt or not written by helpers.train: delete it and rerun the notebook "
+                              "that writes it (training resumes from the previous checkpoint, if any).") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing} (has {sorted(state)[:6] if isinstance(state, dict) else type(state).__name__}); "
+                              "it is not a checkpoint of helpers.train: delete it and rerun the notebook that writes it.")
+    return state
+
+
+def train_notebook_run(params: dict, run_dir: str | Path, augment: bool = True, progress: bool | None = None) -> list[dict]:
+    """Notebook 02's training, cell for cell, in one process of a torchrun group (or alone): the same
+    datasets, model, initial weights, schedule and `fit` call, with the per-rank share of BATCH_SIZE as
+    the loader's batch (global batch = BATCH_SIZE) and evaluation predictions gathered over ranks.
+
+    `augment=False` builds the training split without the random horizontal flip. With the flip, rank 0
+    draws what one process would and the other ranks their own (seeded) flips, so N processes match one
+    process only up to the augmentation draws; without it they match to float rounding (the CI check)."""
+    from helpers import config, data, evaluate, models
+    p = params
+    config.seed_everything(p["SEED"])
+    train_set = data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "train", p["CLASSES"] or None, p["LABELS"],
+                                      train=augment, limit=p["TRAIN_LIMIT"] or None)
+    val_set = data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "val", p["CLASSES"] or None, p["LABELS"],
+                                    limit=p["VAL_LIMIT"] or None)
+    init = resolve_init(p["INIT"], PROFILE=p["PROFILE"], SEED=p["SEED"], ARCH=p["ARCH"], DATA_ROOT=p["DATA_ROOT"])
+    model = models.build_detector(p["ARCH"], train_set.num_classes, p["MIN_SIZE"], p["MAX_SIZE"], weights=init)
+    model = model.to(config.device(p["PROFILE"]))
+    schedule = Schedule(p["EPOCHS"], p["OPTIMIZER"], p["LR"], p["WEIGHT_DECAY"], p["MOMENTUM"], p["LR_SCHEDULE"],
+                        p["LR_STEP_EPOCHS"], p["LR_GAMMA"], p["WARMUP_ITERS"], p["GRAD_CLIP"])
+    loader = distributed.make_loader(train_set, distributed.per_rank_batch(p["BATCH_SIZE"]), train=True, seed=p["SEED"])
+    return fit(model, loader, schedule, run_dir, p["SEED"], evaluate=lambda m: evaluate.evaluate_detector(m, val_set),
+               eval_every=p["EVAL_EVERY"], progress=progress, final_weights=Path(run_dir) / "model.pth")
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
@@ -183,3 +245,67 @@ def convergence(log: list[dict], window: int = 1, loss_tol: float = 0.05, ap_tol
     return {"epochs": len(log), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "loss_rel_drop_last_epochs": loss_change, "window_epochs": window, "val_AP_change_last_eval": ap_change,
             "converged": converged}
+
+
+NOTEBOOK = "02_train_detector"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`[torchrun --nproc-per-node N] python -m helpers.train BATCH.yaml [--run K ...]`.
+
+    For each notebook-02 run of the batch (or the runs numbered K as `helpers.batch BATCH --list`
+    prints them), unless finished: train it with every process of the group (checkpoint, log and
+    weights in its run folder, written by rank 0), then let rank 0 execute notebook 02 for it in one
+    process, which finds the last epoch's checkpoint, trains nothing, evaluates and finishes the run
+    exactly as in the batch. A run with EPOCHS 0 (the paper's COCO detector) is only executed.
+    Afterwards `python -m helpers.batch BATCH` runs the rest of the batch and skips these runs.
+    """
+    import argparse
+    import sys
+
+    from helpers import batch, runs
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("batch", help="YAML batch file, e.g. params/paper.yaml")
+    parser.add_argument("--run", type=int, action="append", default=[],
+                        help="position of a 02 run in `helpers.batch BATCH --list` (1-based, repeatable); default all")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, gloo on the CPU")
+    parser.add_argument("--train-only", action="store_true", help="train, but do not execute the notebook")
+    parser.add_argument("--no-augment", action="store_true", help="no random flip (N processes = 1 process to float rounding)")
+    args = parser.parse_args(argv)
+    try:
+        resolved = batch.load_batch(args.batch)
+    except batch.BatchError as err:
+        print(f"train failed: {err}", file=sys.stderr)
+        return 1
+    chosen = [(i, r) for i, r in enumerate(resolved, 1) if r["notebook"] == NOTEBOOK and (not args.run or i in args.run)]
+    wrong = [k for k in args.run if k not in {i for i, _ in chosen}]
+    if wrong or not chosen:
+        print(f"train failed: runs {wrong or args.run} of {args.batch} are not {NOTEBOOK} runs; "
+              f"those are {[i for i, r in enumerate(resolved, 1) if r['notebook'] == NOTEBOOK]}", file=sys.stderr)
+        return 1
+    distributed.init(args.backend)
+    try:
+        for i, run in chosen:
+            folder = runs.results_dir() / NOTEBOOK / run["run_id"]
+            say = print if distributed.is_writer() else (lambda *a, **k: None)
+            if runs.is_finished(folder):
+                say(f"[{i}] {NOTEBOOK} {run['run_id']}: finished, skipped", flush=True)
+                continue
+            if run["params"]["EPOCHS"] > 0:
+                say(f"[{i}] {NOTEBOOK} {run['run_id']}: training on {distributed.world_size()} process(es)", flush=True)
+                if distributed.is_writer():
+                    runs.open_run(NOTEBOOK, run["params"])
+                distributed.barrier()
+                train_notebook_run(run["params"], folder, augment=not args.no_augment)
+            if not args.train_only:
+                if distributed.is_writer():
+                    with distributed.single_process_environment():
+                        say(f"[{i}] {NOTEBOOK} {run['run_id']}: notebook {batch.execute(run)}", flush=True)
+                distributed.barrier()
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
