@@ -231,12 +231,41 @@ def _finish_order(run: Run) -> tuple[str, str]:
     return stamp, run.id
 
 
+class AmbiguousRun(LookupError):
+    """More than one finished upstream run matches: taking the newest would let an unrelated rerun
+    (say, notebook 02 with other EPOCHS) silently change what every later notebook reads."""
+
+
+def _manifest_ids(notebook: str) -> set[str]:
+    """Ids of the runs of `notebook` that some batch in results/manifest.json made."""
+    manifest = results_dir() / "manifest.json"
+    if not manifest.exists():
+        return set()
+    batches = json.loads(manifest.read_text()).get("batches", {})
+    return {e["run_id"] for rows in batches.values() for e in rows if e["notebook"] == notebook}
+
+
 def find_run(notebook: str, run_id_: str | None = None, **match) -> Run:
-    """The upstream run a notebook reads from: by id, or the newest finished run matching `match`."""
+    """The upstream run a notebook reads from: by id, else the one finished run matching `match`.
+
+    When several match, the one a batch made (listed in results/manifest.json) is taken if it is
+    the only such; otherwise `AmbiguousRun` names them, because any choice would be a guess.
+    """
     if run_id_:
         runs = [r for r in list_runs(notebook) if r.id == run_id_]
     else:
         runs = list_runs(notebook, **match)
+    if len(runs) > 1:
+        listed = _manifest_ids(notebook)
+        in_batch = [r for r in runs if r.id in listed]
+        if len(in_batch) != 1:
+            differ = sorted({k for r in runs for k in r.params if any(r.params.get(k) != o.params.get(k) for o in runs)})
+            raise AmbiguousRun(
+                f"{len(runs)} finished runs of {notebook} match {match}: "
+                + "; ".join(f"{r.id} ({', '.join(f'{k}={r.params.get(k)!r}' for k in differ)})" for r in runs)
+                + f". Delete the run folders under {results_dir() / notebook} that should not be used "
+                  "(or run the batch that made the wanted one, so the manifest names it).")
+        runs = in_batch
     if not runs:
         wanted = f"run {run_id_}" if run_id_ else ", ".join(f"{k}={v!r}" for k, v in match.items())
         raise FileNotFoundError(

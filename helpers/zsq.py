@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers import config, data, distill, evaluate, models, quant, runs
+from helpers.upstream import detector_run, load_detector, load_distilled, training_set, validation_set  # noqa: F401 (the stage's inputs)
 
 NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")
 SOURCES = ("distilled", "real", *NOISE_SOURCES)
@@ -44,30 +45,12 @@ def parse_setting(setting: str) -> tuple[int, int]:
     return quant.check_bits(w_bits, f"weight bits of {setting}"), quant.check_bits(a_bits, f"activation bits of {setting}")
 
 
-def detector_run(stage: str, **match) -> runs.Run:
-    if stage not in ("pretrain", "finetune"):
-        raise ValueError(f"STAGE must be 'pretrain' or 'finetune', got {stage!r}")
-    return runs.find_run("02_train_detector", STAGE=stage, **match)
 
 
-def validation_set(run: runs.Run, limit: int = 0) -> data.CocoDetectionSet:
-    """The validation set the detector of a `02_train_detector` run was evaluated on."""
-    p = run.params
-    return data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "val", p["CLASSES"] or None, p["LABELS"],
-                                 limit=limit or None)
 
 
-def training_set(run: runs.Run) -> data.CocoDetectionSet:
-    """The detector's training images without augmentation (the PTQ calibration pool)."""
-    p = run.params
-    return data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "train", p["CLASSES"] or None, p["LABELS"])
 
 
-def load_detector(run: runs.Run, num_classes: int) -> torch.nn.Module:
-    """The trained detector of a `02_train_detector` run, on the device its profile runs on."""
-    p = run.params
-    return models.build_detector(p["ARCH"], num_classes, p["MIN_SIZE"], p["MAX_SIZE"],
-                                 weights=str(run.path("model.pth"))).to(config.device(p["PROFILE"])).eval()
 
 
 def real_batches(dataset, n_batches: int, batch_size: int = 8) -> list[list[torch.Tensor]]:
@@ -141,9 +124,6 @@ def split_batches(images: torch.Tensor, batch_size: int, n_batches: int) -> list
     return list(images[: n_batches * batch_size].float().split(batch_size))
 
 
-def load_distilled(run: runs.Run) -> dict[int, torch.Tensor]:
-    """{iteration: images} saved by `03_distill_calibration_data` (normalised input space)."""
-    return torch.load(run.path("distilled.pt"), weights_only=True)
 
 
 def first_batches(detector: runs.Run, model: torch.nn.Module, seed: int = 0, batch_size: int = 8,
@@ -247,62 +227,5 @@ def image_size(model) -> tuple[int, int]:
     return distill.input_size(model)
 
 
-def distill_or_load(run: runs.Run, model, snapshot_at: list[int], num_images: int, batch_size: int = 8,
-                    seed: int = 0, **config) -> tuple[dict[int, torch.Tensor], dict]:
-    """Distill once per run and keep the result: images at every snapshot iteration (float16, in the
-    normalised input space, to halve the files; rounding moves a pixel by at most 0.05 % of its value)
-    and the loss curves averaged over images. A rerun of a finished run loads them instead.
-
-    Images are distilled in independent batches of `batch_size` (batch k seeded with seed * 1000 + k),
-    the way the paper repeats the distillation; the loss is per image, so this changes only speed
-    (batches of 8 cost about 0.03 s per image and iteration on 2 cores, batches of 64 about 0.05 s).
-    """
-    images_path, curves_path = run.path("distilled.pt"), run.path("loss_curves.json")
-    if images_path.exists() and curves_path.exists():
-        return load_distilled(run), json.loads(curves_path.read_text())
-    parts = []
-    for k, start in enumerate(tqdm(range(0, num_images, batch_size), desc="distill batches")):
-        size = min(batch_size, num_images - start)
-        parts.append(distill.distill(model, num_images=size, batch_size=size, snapshot_at=tuple(snapshot_at),
-                                     snapshot_images=size, seed=seed * 1000 + k, progress=False, **config))
-    sizes = [p.images.shape[0] for p in parts]
-
-    def average(name: str) -> np.ndarray:  # over images: each batch's curve weighted by its size
-        return np.average(np.concatenate([getattr(p, name) for p in parts]), axis=0, weights=sizes)
-
-    snapshots = {int(k): torch.cat([p.snapshots[k] for p in parts]).half() for k in sorted(parts[0].snapshots)}
-    curves = {"iteration": list(range(parts[0].loss.shape[1])), "loss": average("loss").tolist(),
-              "mean_term": average("mean_loss").tolist(), "std_term": average("std_loss").tolist(),
-              "lr": parts[0].lr[0].tolist(), "bn_layers": parts[0].bn_layers,
-              "config": {**parts[0].config, "num_images": num_images, "batch_size": batch_size, "seed": seed}}
-    runs.atomic_write_json(curves_path, curves, digits=6)
-    write_preview(run.path("preview.npz"), snapshots, model)
-    runs.atomic_torch_save(images_path, snapshots)
-    return snapshots, curves
-
-
-def write_preview(path: Path, snapshots: dict[int, torch.Tensor], model, n: int = 3) -> Path:
-    """The first `n` images of every snapshot as 8-bit pixels (N, H, W, 3), small enough to commit,
-    so the Fig. 4 grids can be redrawn from stored results on a clone without the full tensors."""
-    arrays = {f"iteration_{k}": (distill.to_pixels(v[:n].float(), model).clamp(0, 1) * 255).round()
-              .to(torch.uint8).permute(0, 2, 3, 1).numpy() for k, v in snapshots.items()}
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
-
-
-def pixel_statistics(images: torch.Tensor, model) -> dict:
-    """How far normalised images stray from what a [0, 1] camera frame can produce, and how colourful they are.
-
-    out_of_range: share of values outside the per-channel normalised pixel range; absmax: the largest
-    |value| (what the first layer's activation quantizer must cover); channel_spread: mean absolute
-    difference between a pixel's channels in pixel units (0 for a gray image).
-    """
-    low, high = (b[None, :, None, None] for b in distill.pixel_range(model))
-    x = images.float()
-    tolerance = 4e-3  # float16 storage moves a value at the bound (|x| < 4) by up to 2e-3
-    outside = ((x < low - tolerance) | (x > high + tolerance)).float().mean()
-    pixels = distill.to_pixels(x, model)
-    spread_ = (pixels - pixels.mean(1, keepdim=True)).abs().mean()
-    return {"out_of_range": float(outside), "absmax": float(x.abs().max()), "channel_spread": float(spread_)}
+# distillation I/O lives in helpers.distill (the stage-03 module); kept here under the old names for callers
+from helpers.distill import distill_or_load, pixel_statistics, write_preview  # noqa: E402,F401

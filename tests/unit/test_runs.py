@@ -66,7 +66,19 @@ def test_runs_are_ordered_by_recorded_finish_time_not_file_mtime():
         runs.atomic_write_json(run.path("env.json"), {**env, "time": stamp})
     os.utime(older.path("metrics.json"), (2e9, 2e9))  # a fresh clone's checkout order says nothing
     assert [r.id for r in runs.list_runs("04_quantize_evaluate")] == [older.id, newer.id]
-    assert runs.find_run("04_quantize_evaluate", SOURCE="real").id == newer.id
+
+
+def test_an_ambiguous_upstream_run_fails_unless_one_batch_made_it():
+    first = runs.open_run("02_train_detector", {"STAGE": "finetune", "SEED": 7, "EPOCHS": 24})
+    other = runs.open_run("02_train_detector", {"STAGE": "finetune", "SEED": 7, "EPOCHS": 30})  # a rerun with other epochs
+    for run in (first, other):
+        run.finish({"AP": 0.5})
+    with pytest.raises(runs.AmbiguousRun, match=r"2 finished runs .*(EPOCHS=24.*EPOCHS=30|EPOCHS=30.*EPOCHS=24)"):
+        runs.find_run("02_train_detector", STAGE="finetune", SEED=7)
+    runs.atomic_write_json(runs.results_dir() / "manifest.json", {"batches": {"tiny": [
+        {"notebook": "02_train_detector", "run_id": first.id}]}})
+    assert runs.find_run("02_train_detector", STAGE="finetune", SEED=7).id == first.id
+    assert runs.find_run("02_train_detector", other.id).id == other.id  # by id, always
 
 
 def _reproduced(run) -> dict:
