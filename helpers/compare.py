@@ -1,7 +1,7 @@
 """Put the calibration runs of notebook 04 side by side and check the paper's claims against them.
 
 Everything here reads stored results (`results/04_quantize_evaluate/*/rows.jsonl`, the runs'
-metrics.json and `params/paper_reference.yaml`); nothing is recomputed. mAP is in points
+metrics.json and `references/papers.yaml`); nothing is recomputed. mAP is in points
 (COCO mAP@[.5:.95] x 100), as the paper prints it.
 """
 from __future__ import annotations
@@ -13,11 +13,9 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from helpers import quant, runs
+from helpers import quant, references, runs
 
-REFERENCE = runs.ROOT / "params" / "paper_reference.yaml"
 PAPER_SETTING = "W8A8"
 # A claim "holds" only with an effect of the paper's order: at least this share of the paper's
 # relative effect, in the claimed direction and beyond the spread. A right direction with a smaller
@@ -32,7 +30,7 @@ def records(frame: pd.DataFrame) -> list[dict]:
 
 
 def paper_reference(paper: str = "zsq_infrared_retinanet") -> dict:
-    return yaml.safe_load(REFERENCE.read_text())[paper]
+    return references.paper(paper)
 
 
 def source_label(params: dict) -> str:

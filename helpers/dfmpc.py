@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from helpers import runs
+from helpers import references, runs
 
 LowBits = str | int
 MODES = ("dfmpc", "naive")
@@ -529,16 +529,4 @@ def format_rows(rows: list[dict], columns: list[str], digits: int = 3) -> str:
 
 
 # --------------------------------------------------------------------------- the paper's numbers
-PAPER_REFERENCE = {
-    "source": "Chen et al., Pattern Recognition 143 (2023) 109780, Tables 1-3 and Sec. 5.1-5.2; "
-              "weights only (activations FP32); top-1 in %; sizes in MB (MiB); weights from pytorchcv",
-    "cifar10_mp2_6": {"resnet18": [92.61, 10.78, 89.12], "resnet56": [93.88, 38.03, 91.05],
-                      "vgg16": [93.70, 10.00, 90.48]},
-    "cifar100_mp2_6": {"resnet18": [73.62, 1.05, 64.90], "vgg16": [70.09, 3.80, 64.95]},
-    "columns": ["FP32", "naive 2/6", "DF-MPC 2/6"],
-    "imagenet": {"resnet18": {"fp32": 71.47, "fp32_mb": 44.59, "dfmpc_2_6": 66.46, "dfmpc_2_6_mb": 5.48},
-                 "resnet50": {"fp32": 76.12, "fp32_mb": 97.49, "dfmpc_2_6": 71.20, "dfmpc_2_6_mb": 10.55}},
-    "lambda1": 0.5, "lambda2": 0.0, "lambda1_grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "lambda2_grid": [0.0, 0.01],
-    "resnet18_seconds": "about 2 s on one GTX 1080 Ti",
-}
-
+PAPER_REFERENCE = references.paper("df_mpc")  # references/papers.yaml

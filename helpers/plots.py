@@ -7,7 +7,7 @@ and the DF-MPC run of notebook 05 when the batch has one. Nothing is recomputed;
 arithmetic is arranging stored numbers (and mAP x 100, the paper's points, done where the rows are
 read, by `helpers.compare.collect_rows`).
 
-The paper's own numbers come from `params/paper_reference.yaml` and are always shown beside ours
+The paper's own numbers come from `references/papers.yaml` and are always shown beside ours
 with both sides named: ours with the batch's profile (`tiny`: a small RetinaNet on synthetic data,
 on a CPU), the paper's as "paper (RetinaNet-R50-FPN, ...)", so that nobody takes a tiny-scale
 number for a paper-scale one.
@@ -225,7 +225,7 @@ def table1(stored: Stored) -> pd.DataFrame:
     """Table 1: FP32 and W8A8 zero-shot mAP and model size of both detectors, ours beside the paper's.
 
     Our values are notebook 06's stored `table1` (W8-A8: mean over calibration batches of distilled
-    images, mean-only loss); the paper's come from `params/paper_reference.yaml`.
+    images, mean-only loss); the paper's come from `references/papers.yaml`.
     """
     rows = stored.need("comparison").get("table1") or []
     if not rows:
@@ -834,7 +834,7 @@ def _caption(title: str, stored: Stored, name: str = "") -> str:
     if name in TABLE_NOTES:
         return f"**{title}** Ours: profile {stored.profile}, batch `{stored.batch}`. {TABLE_NOTES[name]}"
     return (f"**{title}** Ours: profile {stored.profile} ({stored.arch}), batch `{stored.batch}`; mAP in points (COCO mAP@[.5:.95] x 100). "
-            f"Paper columns: {PAPER_MODEL} as reported (`params/paper_reference.yaml`).")
+            f"Paper columns: {PAPER_MODEL} as reported (`references/papers.yaml`).")
 
 
 # tables whose caption is not the generic one (their own units, no paper columns), and their Markdown digits
