@@ -84,10 +84,18 @@ def colour_of_change(**match) -> pd.DataFrame:
     newest = {}
     for run in runs.list_runs("03_distill_calibration_data", LOSS="mean", CLAMP=True, **match):  # oldest first
         newest[run.params["STAGE"]] = run
+    previews = {}
+    for stage, run in newest.items():
+        with np.load(run.path("preview.npz")) as archive:
+            previews[stage] = {int(key.split("_")[1]): archive[key] for key in archive.files}
+    return colour_of_previews(previews)
+
+
+def colour_of_previews(previews: dict[str, dict[int, np.ndarray]]) -> pd.DataFrame:
+    """`colour_of_change` from the previews themselves: {stage: {iteration: (images, H, W, RGB) uint8}}."""
     records = []
-    for stage, run in sorted(newest.items(), key=lambda item: _rank(STAGE_ORDER, item[0])):
-        with np.load(run.path("preview.npz")) as previews:
-            frames = {int(key.split("_")[1]): previews[key].astype(np.float64) for key in previews.files}
+    for stage, stored in sorted(previews.items(), key=lambda item: _rank(STAGE_ORDER, item[0])):
+        frames = {it: frame.astype(np.float64) for it, frame in stored.items()}
         start = frames.pop(min(frames))
         for iteration in sorted(frames):
             change = frames[iteration] - start  # (images, H, W, RGB) in pixel levels

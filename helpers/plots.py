@@ -98,6 +98,7 @@ class Stored:
     distillations: list[dict] = field(default_factory=list)  # per 03 run: stage, loss, clamp, curves, preview, ...
     detectors: dict = field(default_factory=dict)   # stage -> params of its 02 run
     calibration: dict = field(default_factory=dict)  # run id -> params of the compared 04 runs
+    calibration_runs: list = field(default_factory=list)  # the compared 04 runs themselves
     dfmpc: dict | None = None                       # metrics.json of the 05 run
     missing: dict = field(default_factory=dict)     # what is absent and why: "comparison", "rows", "distillation", "dfmpc"
 
@@ -184,6 +185,7 @@ def load(batch: str = "tiny", profile: str | None = None) -> Stored:
     if calibration:
         stored.rows = compare.collect_rows(calibration)
         stored.calibration = {r.id: r.params for r in calibration}
+        stored.calibration_runs = calibration
     else:
         stored.missing["rows"] = f"batch {batch!r} has no stored 04_quantize_evaluate run"
     for entry in entries:
@@ -348,7 +350,7 @@ def _seed_verdicts(stored: Stored) -> dict[str, str]:
     recovered = ((stored.dfmpc or {}).get("classifier") or {}).get("recovered") or {}
     max_rule = {source: w8a4("max", source) for source in ("real", "distilled mean", "gaussian")}
     detector = stored.detectors.get(fine, {})
-    claims = metrics.get("claims") or []
+    claims = stored_claims(stored)
     return {
         "seed, data root": f"{detector.get('SEED', '?')}, {detector.get('DATA_ROOT', '?')}",
         "FP32 mAP, fine-tuned / pretrained": text("{:.2f} / {:.2f}", table1(fine, "W32-A32"), table1(pre, "W32-A32")),
@@ -381,9 +383,25 @@ def _claim_verdict(claim: dict) -> str:
     return claim.get("verdict") or ("holds" if claim.get("holds at tiny scale") else "does not hold")
 
 
+def stored_claims(stored: Stored) -> list[dict]:
+    """The paper's claims judged by today's rules (`compare.claims`) on the batch's stored 04 rows, 03
+    pixel statistics and previews: the same as notebook 06 computes, without its run (a batch whose
+    06 ran before a rule changed is judged by the new rule, from what it stored)."""
+    if stored.rows is None:
+        return stored.need("comparison").get("claims") or []
+    pixel, previews = {}, {}
+    for d in stored.distillations:  # manifest order: the newest mean-only clamped run per stage wins
+        if d["loss"] == "mean" and d["clamp"]:
+            stats = d["pixel_statistics"]
+            pixel[d["stage"]] = stats[max(stats, key=int)]["channel_spread"]
+            previews[d["stage"]] = d["preview"]
+    colour = compare.colour_of_previews(previews) if all(previews.values()) and previews else None
+    return compare.records(compare.claims(stored.rows, stored.calibration_runs, pixel, colour))
+
+
 def table_claims_over_seeds(storeds: list[Stored]) -> pd.DataFrame:
     """Every core claim over the seed batches: the paper's effect, ours with its seed spread, the verdicts."""
-    return compare.claims_over_seeds({s.batch: s.need("comparison").get("claims") or [] for s in storeds})
+    return compare.claims_over_seeds({s.batch: stored_claims(s) for s in storeds})
 
 
 def seed_numbers(stored: Stored) -> dict[str, float | None]:
