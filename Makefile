@@ -44,9 +44,9 @@ notebooks: reproduce
 
 # cost ratios measured side by side on this machine -> results/benchmarks/*.json (run on an idle CPU)
 benchmarks: install
-	$(PY) -m helpers.benchmarks
-	$(PY) -m helpers.benchmarks_zsq --threads 2 1
-	$(PY) -m helpers.benchmarks_dfmpc
+	$(PY) -m tools.benchmarks
+	$(PY) -m tools.benchmarks_zsq --threads 2 1
+	$(PY) -m tools.benchmarks_dfmpc
 
 # the paper's tables and figures from the stored results of the batch (no training, seconds) -> results/figures/
 figures: install

@@ -8,7 +8,7 @@
 - `retinanet_resnet18_half_fpn_tiny` (the tiny profile's default): the same at half width
   (ResNet-18 with 32-64-128-256 channels, FPN and head of 64), a third of the full-width
   training step on the 2-core CPU, which buys the epochs the synthetic thermal set needs to land
-  in the difficulty window within the time budget (see `helpers.difficulty_sweep`).
+  in the difficulty window within the time budget (see `tools.difficulty_sweep`).
 
 Labels 1..K need `num_classes=K+1` because torchvision indexes class logits with the label.
 """

@@ -66,7 +66,7 @@ def default_spec(kind: str) -> SceneSpec:
     if kind == "coco":
         return SceneSpec(mean_objects=3.5, near_height=100.0, clutter=2, noise=(0.01, 0.03), min_height=12.0)
     # objects nearer the camera and none drawn under 28 px: the tiny detector finds nothing under 28 px
-    # at 160x128, and this set lands it in the difficulty window (`helpers.difficulty_sweep`)
+    # at 160x128, and this set lands it in the difficulty window (`tools.difficulty_sweep`)
     return SceneSpec(mean_objects=4.5, near_height=100.0, clutter=2, min_height=28.0, depth_exponent=0.3,
                      noise=(0.01, 0.03), inverted_polarity=0.05)
 

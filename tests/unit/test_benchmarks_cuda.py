@@ -1,9 +1,9 @@
-from helpers import benchmarks_cuda
+from tools import benchmarks_cuda
 
 
 def test_paper_size_script_runs_its_whole_path_at_smoke_size(tmp_path):
     """The GPU script's code path (data, training, evaluation, ZSQ, CPU agreement) on the CPU, small.
-    Its cost ratios come from helpers.benchmarks_zsq, tested on its own."""
+    Its cost ratios come from tools.benchmarks_zsq, tested on its own."""
     result = benchmarks_cuda.measure("cpu", smoke=True, n_train=8, n_val=4, epochs=2, batch=2, distill_images=2,
                                      distill_iterations=2, workers=0, work_dir=tmp_path, ratios=False)
     assert result["data"]["train"] and result["train"]["seconds_per_iteration"] > 0

@@ -1,7 +1,7 @@
-"""helpers.benchmarks_zsq: the three cost ratios come out of one interleaved run, with their targets."""
+"""tools.benchmarks_zsq: the three cost ratios come out of one interleaved run, with their targets."""
 import torch
 
-from helpers import benchmarks_zsq
+from tools import benchmarks_zsq
 
 
 def test_cost_ratios_are_measured_side_by_side():

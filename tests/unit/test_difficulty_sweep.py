@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import difficulty_sweep as ds
+from tools import difficulty_sweep as ds
 
 TRIAL_A = {"name": "a", "overrides": {"clutter": 0, "noise": [0.01, 0.02]}, "epochs": 1, "why": "test"}
 TRIAL_B = {"name": "b", "overrides": {"min_height": 24.0}, "epochs": 1}

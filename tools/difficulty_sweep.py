@@ -25,9 +25,9 @@ and 0.75 (finds vs places). They go to the same JSON under "screens".
 Trials already in the JSON are skipped, so the sweep is resumable and can be extended by appending
 trials to `TRIALS`. It changes no default: it only measures.
 
-    python -m helpers.difficulty_sweep                 # every trial in TRIALS, in order
-    python -m helpers.difficulty_sweep --trials baseline --list
-    python -m helpers.difficulty_sweep --screens       # score SCREENS with the committed detector, no training
+    python -m tools.difficulty_sweep                 # every trial in TRIALS, in order
+    python -m tools.difficulty_sweep --trials baseline --list
+    python -m tools.difficulty_sweep --screens       # score SCREENS with the committed detector, no training
 """
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def summary_table(state: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m helpers.difficulty_sweep", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.difficulty_sweep", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--trials", nargs="*", help="names of trials in TRIALS to run (default: all, in order)")
     parser.add_argument("--out", help="JSON to write (default: results/benchmarks/difficulty_sweep.json)")
     parser.add_argument("--data-dir", default="data/sweep", help="where trial data and checkpoints go (git-ignored)")

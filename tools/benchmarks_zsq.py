@@ -1,4 +1,4 @@
-"""Cost of zero-shot quantization on this CPU, side by side in one run: `python -m helpers.benchmarks_zsq`.
+"""Cost of zero-shot quantization on this CPU, side by side in one run: `python -m tools.benchmarks_zsq`.
 
 On the tiny detector at batch 8, 128x160 (random weights unless a checkpoint is given; speed does
 not depend on their values), three ratios with their targets:

@@ -1,4 +1,4 @@
-"""Cost of DF-MPC on this CPU: `python -m helpers.benchmarks_dfmpc [--repeats 5] [--threads 1]`.
+"""Cost of DF-MPC on this CPU: `python -m tools.benchmarks_dfmpc [--repeats 5] [--threads 1]`.
 
 Times `helpers.dfmpc.compensate` (ternary / 6-bit, lambda1=0.5, BN folding, other layers 6-bit) on
 torchvision resnet18 and resnet50 built with `weights=None`: random weights, which is fine because

@@ -1,4 +1,4 @@
-"""Training/evaluation cost on this CPU, measured side by side in one run: `python -m helpers.benchmarks`.
+"""Training/evaluation cost on this CPU, measured side by side in one run: `python -m tools.benchmarks`.
 
 Writes `results/benchmarks/train_eval.json`: tiny detector train seconds per iteration (batch 8,
 160x128), tiny eval seconds per image, and the paper's RetinaNet v2 eval seconds per image at

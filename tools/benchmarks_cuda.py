@@ -1,4 +1,4 @@
-"""Paper-size run on one CUDA GPU: `python -m helpers.benchmarks_cuda` -> results/benchmarks/paper_cuda.json.
+"""Paper-size run on one CUDA GPU: `python -m tools.benchmarks_cuda` -> results/benchmarks/paper_cuda.json.
 
 The paper's detector (torchvision RetinaNet ResNet-50-FPN v2; random init, since no weights can be
 downloaded where this was written) at FLIR's native 640x512, on synthetic thermal images written in
@@ -9,7 +9,7 @@ path is exercised on CUDA end to end:
 2. evaluation (`evaluate.evaluate_detector`, pycocotools): seconds per image, FP32 mAP;
 3. zero-shot quantization: distillation (`distill.distill`), W8A8 calibration on distilled, real
    and Gaussian batches, W8A8 mAP of each;
-4. the cost ratios of `helpers.benchmarks_zsq` at batch 8, 512x640 on the GPU;
+4. the cost ratios of `tools.benchmarks_zsq` at batch 8, 512x640 on the GPU;
 5. CUDA against the CPU on the same weights and images: FP32 head outputs, W8A8 head outputs after
    the same calibration batch, and the distillation loss over the first iterations.
 
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from helpers import benchmarks_zsq, data, distill, evaluate, models, quant, synth, train, zsq
+from helpers import data, distill, evaluate, models, quant, synth, train, zsq
+from tools import benchmarks_zsq
 from helpers.runs import atomic_write_json, results_dir
 
 PAPER = {"arch": "retinanet_resnet50_fpn_v2", "height": 512, "width": 640, "scale": 4.0}
