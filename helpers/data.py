@@ -1,4 +1,4 @@
-"""One COCO-format detection dataset for FLIR ADAS v1.3 and COCO 2017, real or synthetic.
+"""One COCO-format detection dataset for FLIR ADAS v1.3, FLIR ADAS v2 and COCO 2017, real or synthetic.
 
 Built on torchvision's `CocoDetection` + `wrap_dataset_for_transforms_v2`; adds what the paper
 needs on top: keep a subset of categories (FLIR: person, bicycle, car; dog dropped), map them to
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,29 @@ LAYOUTS = {
     "flir": Layout("FLIR_ADAS_1_3", "{split}", "{split}/thermal_annotations.json",
                    "FLIR ADAS v1.3 (thermal_8_bit + thermal_annotations.json per split) from "
                    "https://www.flir.com/oem/adas/adas-dataset-form/"),
+    # v2: one folder per split with coco.json beside data/; file_names are "data/video-...jpg";
+    # category ids as in v2's own list (person 1, bike 2, car 3, ..., dog 17), no "bicycle"
+    "flir_v2": Layout("FLIR_ADAS_v2", "images_thermal_{split}", "images_thermal_{split}/coco.json",
+                      "FLIR ADAS v2 (images_thermal_train/ and images_thermal_val/, each with coco.json and "
+                      "data/) from https://www.flir.com/oem/adas/adas-dataset-form/"),
     "coco": Layout("coco", "{split}2017", "annotations/instances_{split}2017.json",
                    "COCO 2017 images (train2017/val2017) and annotations_trainval2017 from "
                    "https://cocodataset.org/#download"),
 }
+
+
+# the paper's class names as each layout's annotation file spells them (FLIR v2 calls bicycles "bike")
+CATEGORY_ALIASES = {"flir_v2": {"bicycle": "bike"}}
+DATA_ROOT_VARIABLE = "IRZSQ_DATA_ROOT"  # where the real datasets are, if not under the project's data/
+PAPER_DATA_ROOT = "data"
+
+
+def dataset_root(root: str | Path) -> Path:
+    """The dataset root: `root` relative to the project, except that the paper batch's "data" is replaced
+    by $IRZSQ_DATA_ROOT when that is set (the datasets stay where they are; run ids do not change)."""
+    if str(root) == PAPER_DATA_ROOT and os.environ.get(DATA_ROOT_VARIABLE):
+        return Path(os.environ[DATA_ROOT_VARIABLE]).expanduser()
+    return resolve_path(root)
 
 
 class DatasetError(RuntimeError):
@@ -51,7 +71,7 @@ def split_paths(data_root: str | Path, dataset: str, split: str) -> tuple[Path, 
     if dataset not in LAYOUTS:
         raise ValueError(f"dataset must be one of {sorted(LAYOUTS)}, got {dataset!r}")
     layout = LAYOUTS[dataset]
-    base = resolve_path(data_root) / layout.folder
+    base = dataset_root(data_root) / layout.folder
     images = base / layout.images.format(split=split)
     annotations = base / layout.annotations.format(split=split)
     if not annotations.exists() or not images.is_dir():
@@ -70,9 +90,13 @@ def validate_coco_json(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a COCO object with 'images', 'annotations', 'categories'; got {type(data).__name__}.")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{path}: missing the COCO list '{key}'.")
+    if not data["images"]:
+        raise DatasetError(f"{path}: lists no images; the split is empty (an unfinished download or copy?).")
     image_ids = set()
     for i, img in enumerate(data["images"]):
         if not {"id", "file_name"} <= set(img):
@@ -116,10 +140,16 @@ class CocoDetectionSet(Dataset):
         self.image_dir, self.annotation_file = split_paths(data_root, dataset, split)
         raw = validate_coco_json(self.annotation_file)
         by_name = {c["name"]: c["id"] for c in raw["categories"]}
+        aliases = CATEGORY_ALIASES.get(dataset, {})
+        by_name.update({paper: by_name[own] for paper, own in aliases.items() if own in by_name and paper not in by_name})
         classes = tuple(classes) if classes else tuple(c["name"] for c in raw["categories"])
         unknown = [c for c in classes if c not in by_name]
         if unknown:
             raise DatasetError(f"{self.annotation_file}: no categories named {unknown}; it has {sorted(by_name)}.")
+        missing = [img["file_name"] for img in raw["images"] if not (self.image_dir / img["file_name"]).is_file()]
+        if missing:
+            raise DatasetError(f"{self.annotation_file}: {len(missing)} of {len(raw['images'])} listed images are not in "
+                               f"{self.image_dir} (first: {missing[:3]}); complete the download or fix 'file_name'.")
         self.classes = classes
         self.category_ids = [by_name[c] for c in classes]
         self.cat_to_label = {cid: (i + 1 if labels == "contiguous" else cid) for i, cid in enumerate(self.category_ids)}
@@ -139,7 +169,7 @@ class CocoDetectionSet(Dataset):
         image_id = self.ids[index]
         try:
             image, target = self.base[self._base_index[image_id]]
-        except (FileNotFoundError, OSError) as err:
+        except (FileNotFoundError, OSError, RuntimeError) as err:  # missing, or not a decodable image
             info = self.coco.imgs[image_id]
             raise DatasetError(f"{self.annotation_file}: image id {image_id} ('{info['file_name']}') "
                                f"cannot be read from {self.image_dir}: {err}") from None
@@ -165,7 +195,7 @@ class CocoDetectionSet(Dataset):
         anns = [a for a in self.coco.dataset["annotations"]
                 if a["category_id"] in self.cat_to_label and a["image_id"] in set(self.ids)]
         images = [self.coco.imgs[i] for i in self.ids]
-        data = {"images": images, "categories": [self.coco.cats[c] for c in self.category_ids],
+        data = {"images": images, "categories": [dict(self.coco.cats[c], name=name) for c, name in zip(self.category_ids, self.classes)],
                 "annotations": [dict(a, id=i + 1, area=a.get("area", a["bbox"][2] * a["bbox"][3]),
                                      iscrowd=a.get("iscrowd", 0)) for i, a in enumerate(anns)]}
         gt = COCO()

@@ -114,7 +114,8 @@ def build_detector(arch: str, num_classes: int, min_size: int, max_size: int, we
         path = resolve_path(weights)
         if not path.exists():
             raise WeightsMissing(f"checkpoint {path} not found; run the training notebook that writes it.")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        from helpers.train import load_checkpoint  # weights_only=True: loading runs no pickled code
+        state = load_checkpoint(path, keys=())
         state = state.get("model", state)
     load_with_new_classes(model, state)
     return model
