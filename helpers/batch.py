@@ -78,6 +78,10 @@ def load_batch(batch_file: str | Path) -> list[dict]:
     """Resolve every run of a batch file: notebook path, full parameters, run id."""
     spec = batch_spec(batch_file)
     common = spec["common"]
+    undeclared = sorted(set(common) - {k for path in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")) for k in notebook_defaults(path)}) \
+        if common else []
+    if undeclared:  # a typo in `common` would otherwise be dropped silently by every run
+        raise BatchError(f"{batch_file}: common sets {undeclared}, which no notebook in {NOTEBOOKS} declares")
     resolved = []
     for i, entry in enumerate(spec["runs"]):
         path = notebook_path(entry["notebook"])
