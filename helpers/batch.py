@@ -35,6 +35,9 @@ from helpers.runs import ROOT, atomic_write_json, is_finished, rerun_message, re
 NOTEBOOKS = ROOT / "notebooks"
 
 
+PROFILES = ("tiny", "paper")  # what every notebook's PROFILE parameter accepts
+
+
 class BatchError(RuntimeError):
     pass
 
@@ -93,6 +96,9 @@ def load_batch(batch_file: str | Path) -> list[dict]:
                              f"(its parameters: {sorted(defaults)})")
         overrides = {k: v for k, v in common.items() if k in defaults} | own
         params = defaults | overrides
+        if "PROFILE" in params and params["PROFILE"] not in PROFILES:
+            raise BatchError(f"{batch_file}: runs[{i}] ({path.stem}) has PROFILE {params['PROFILE']!r}; "
+                             f"the profiles are {PROFILES}")
         resolved.append({"notebook": path.stem, "path": path, "overrides": overrides, "params": params,
                          "run_id": run_id(params)})
     return resolved

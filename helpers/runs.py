@@ -90,8 +90,13 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one line; a crash mid-write leaves at most one torn last line, which readers drop."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    with open(path, "ab+") as fh:
+        torn = False
+        if fh.seek(0, os.SEEK_END) > 0:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
+        # after a torn last line, start a new one: otherwise this record would be glued to the fragment and dropped
+        fh.write((("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n").encode())
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
