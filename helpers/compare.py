@@ -129,13 +129,17 @@ def collect_rows(calibration: list[runs.Run]) -> pd.DataFrame:
     return rows
 
 
+CALIBRATOR_SOURCES = ("real", "distilled", "gaussian")
+
+
 def calibrator_table(setting: str, stage: str = "finetune", **match) -> pd.DataFrame:
     """mAP (points) per activation calibrator and source at one setting, over the calibration batches
     that every (calibrator, source) pair measured, so each cell averages the same images."""
     frames = []
     for run in runs.list_runs("04_quantize_evaluate", STAGE=stage, **match):
-        if run.params.get("DISTILL_CLAMP", True) is False or run.params.get("DISTILL_LOSS", "mean") != "mean":
-            continue
+        if (run.params.get("DISTILL_CLAMP", True) is False or run.params.get("DISTILL_LOSS", "mean") != "mean"
+                or run.params["SOURCE"] not in CALIBRATOR_SOURCES or not run.params.get("SYMMETRIC", True)):
+            continue  # the paper's three sources under the one scheme every calibrator supports
         frame = collect_rows([run])
         frame = frame[frame["final"] & (frame["setting"] == setting)].assign(calibrator=run.params["CALIBRATOR"])
         frames.append(frame)
