@@ -526,3 +526,71 @@ def narrow_range_effect(model: RetinaNet, images: torch.Tensor) -> dict:
     PyTorch model's raw outputs (same scales): compare_outputs(narrow, full)."""
     narrow = torch_outputs(model, images)
     return compare_outputs(narrow, torch_outputs(model, images, "qdq"), output_steps(narrow))
+
+
+# --------------------------------------------------------------------------- the whole check
+def _ap(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("AP", "AP50", "APs")}
+
+
+def deployment_check(float_model: RetinaNet, quantized: RetinaNet, val_set, calib_batches: list[torch.Tensor],
+                     workdir: str | Path, threads: int = 2, compare_images: int = 8, percentile: float = 99.99,
+                     tolerance_ap: float = 0.003) -> dict:
+    """Export the calibrated `quantized` detector both ways, run the files in onnxruntime and compare
+    with PyTorch: raw head outputs on the first `compare_images` val images, COCO mAP on `val_set`
+    after torchvision's post-processing, int8 convs in the optimized graph, file sizes. Also
+    onnxruntime's own quantize_static of `float_model` calibrated on `calib_batches` (normalised
+    images, e.g. distilled) as the reference path. The .onnx files go to `workdir`."""
+    from helpers import evaluate
+    check_exportable(quantized)
+    workdir = Path(workdir)
+    files = {"fp32": export_float(float_model, workdir / "fp32.onnx"),
+             "qdq": export_qdq(quantized, workdir / "qdq.onnx")}
+    export_float(quantized, workdir / "fakequant_float.onnx")
+    files["qdq_ort"] = quantize_ort(workdir / "fakequant_float.onnx", workdir / "qdq_ort.onnx", calib_batches,
+                                    quantized, pin_scales=True, percentile=percentile)
+    files["ort_static"] = quantize_ort(workdir / "fp32.onnx", workdir / "ort_static.onnx", calib_batches,
+                                       percentile=percentile)
+    images = [val_set[i][0] for i in range(min(compare_images, len(val_set)))]
+    with torch.inference_mode():
+        batch = quantized.transform(images)[0].tensors
+    full_range = torch_outputs(quantized, batch, "qdq")
+    steps = output_steps(full_range)
+    raw = {name: compare_outputs(full_range, run_session(session(files[name]["path"], threads), batch), steps)
+           for name in ("qdq", "qdq_ort", "ort_static")}
+    raw["narrow_vs_full_range"] = narrow_range_effect(quantized, batch)
+    raw["fp32_vs_full_range"] = compare_outputs(full_range, torch_outputs(float_model, batch), steps)
+    ap = {"fp32": _ap(evaluate.evaluate_detector(float_model, val_set, progress=False)),
+          "fakequant": _ap(evaluate.evaluate_detector(quantized, val_set, progress=False))}
+    with layer_mode(quantized, "qdq"):
+        ap["fakequant_full_range"] = _ap(evaluate.evaluate_detector(quantized, val_set, progress=False))
+    for name in files:
+        ap[f"ort_{name}"] = _ap(evaluate.evaluate_detector(OnnxDetector(float_model, files[name]["path"], threads),
+                                                           val_set, progress=False))
+    gaps = {name: ap[f"ort_{name}"]["AP"] - ap["fakequant"]["AP"] for name in ("qdq", "qdq_ort", "ort_static")}
+    return {"AP": ap, "AP_gap_vs_fakequant": gaps,
+            "AP_within_tolerance": {k: abs(v) <= tolerance_ap for k, v in gaps.items() if k != "ort_static"},
+            "tolerance_AP": tolerance_ap, "raw_outputs": raw,
+            "int8_convs": {name: int8_conv_count(files[name]["path"]) for name in ("qdq", "qdq_ort", "ort_static")},
+            "bytes": {name: f["bytes"] for name, f in files.items()},
+            "size_ratio_vs_fp32": {name: files["fp32"]["bytes"] / f["bytes"] for name, f in files.items()},
+            "pinned": {k: files["qdq_ort"][k] for k in ("pinned_tensors", "unsigned", "shared_with_two_scales")},
+            "qdq_pairs": files["qdq"]["qdq_pairs"], "val_images": len(val_set), "compare_images": len(images)}
+
+
+def summary_table(metrics: dict):
+    """One row per model: AP, AP gap to fake quant, int8 convs / convs, file MB, size ratio (rounded)."""
+    import pandas as pd
+    rows = []
+    for name, label in (("fp32", "PyTorch FP32"), ("fakequant", "PyTorch fake-quant W8A8"),
+                        ("fakequant_full_range", "PyTorch fake-quant, [-128, 127]"), ("ort_fp32", "ORT FP32"),
+                        ("ort_qdq", "ORT int8, faithful QDQ"), ("ort_qdq_ort", "ORT int8, ORT placement, our scales"),
+                        ("ort_ort_static", "ORT int8, quantize_static")):
+        key = name[4:] if name.startswith("ort_") else None
+        convs = metrics["int8_convs"].get(key) if key else None
+        rows.append({"model": label, "AP": round(metrics["AP"][name]["AP"], 3),
+                     "AP_vs_fakequant": round(metrics["AP"][name]["AP"] - metrics["AP"]["fakequant"]["AP"], 3) + 0.0,  # no -0.0
+                     "int8_convs": f"{convs['int8_convs']}/{convs['convs']}" if convs else "",
+                     "MB": round(metrics["bytes"][key] / 1e6, 2) if key else None,
+                     "size_ratio": round(metrics["size_ratio_vs_fp32"][key], 2) if key else None})
+    return pd.DataFrame(rows)
