@@ -47,6 +47,7 @@ benchmarks: install
 	$(PY) -m tools.benchmarks
 	$(PY) -m tools.benchmarks_zsq --threads 2 1
 	$(PY) -m tools.benchmarks_dfmpc
+	$(PY) -m tools.benchmarks_onnx
 
 # the paper's tables and figures from the stored results of the batch (no training, seconds) -> results/figures/
 figures: install
