@@ -52,7 +52,8 @@ def coco_map(ground_truth, detections: list[dict]) -> dict:
     for k, cat_id in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]
         per_class[names[cat_id]] = float(np.mean(p[p > -1])) if (p > -1).any() else None
-    stats = {name: max(float(v), 0.0) for name, v in zip(STAT_NAMES, ev.stats)}
+    # COCOeval reports -1 for a stat it cannot define (no ground truth in that size range): undefined, not 0
+    stats = {name: float(v) if v >= 0 else None for name, v in zip(STAT_NAMES, ev.stats)}
     return {**stats, "per_class_AP": per_class, "detections": len(detections), "log": buffer.getvalue()}
 
 
@@ -85,7 +86,8 @@ def gather_predictions(model, dataset, batch_size: int = 8, progress: bool | Non
 def metrics_table(metrics: dict, digits: int = 3) -> str:
     """The 12 COCO stats and per-class AP as two aligned, rounded lines each."""
     names = list(STAT_NAMES)
-    lines = ["  ".join(f"{n:>6}" for n in names), "  ".join(f"{metrics[n]:6.{digits}f}" for n in names)]
+    lines = ["  ".join(f"{n:>6}" for n in names),
+             "  ".join(f"{metrics[n]:6.{digits}f}" if metrics[n] is not None else f"{'n/a':>6}" for n in names)]
     per_class = metrics.get("per_class_AP", {})
     if per_class:
         lines.append("per-class AP: " + ", ".join(

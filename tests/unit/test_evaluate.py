@@ -37,3 +37,13 @@ def test_zero_annotation_id_is_renumbered(tiny_root):
 def test_difficulty_window():
     assert evaluate.difficulty_window({"AP": 0.4, "AP50": 0.8}) == {"AP": 0.4, "AP50": 0.8, "AP_in_window": True, "AP50_below_max": True}
     assert evaluate.difficulty_window({"AP": 0.7, "AP50": 0.95})["AP_in_window"] is False
+
+
+def test_a_size_range_without_ground_truth_is_undefined_not_zero(tiny_root):
+    from helpers.data import CocoDetectionSet
+    gt = CocoDetectionSet(tiny_root, "flir", "val", classes=("person", "bicycle", "car")).ground_truth()
+    gt.dataset["annotations"] = [a for a in gt.dataset["annotations"] if a["area"] <= 96 ** 2]  # no large objects
+    gt.createIndex()
+    metrics = evaluate.coco_map(gt, _gt_as_detections(gt))
+    assert metrics["APl"] is None and metrics["ARl"] is None and metrics["AP"] == pytest.approx(1.0)
+    assert "n/a" in evaluate.metrics_table(metrics).splitlines()[1]
