@@ -87,7 +87,9 @@ def test_stored_row_is_the_default_symmetric_runs_final_iteration():
     _fake_04_run("other-loss", {**base, "SOURCE": "distilled", "DISTILL_LOSS": "mean+std"},
                  [{**row, "iteration": 100, "AP": 0.77}])
     got = modelopt_check.stored_row("distilled")
-    assert got == {"run": "dist", "AP": 0.30, "AP50": 0.5, "first_layer_amax": 2.0}
+    assert {k: got[k] for k in ("run", "AP", "AP50", "first_layer_amax", "batches")} == {
+        "run": "dist", "AP": 0.30, "AP50": 0.5, "first_layer_amax": 2.0, "batches": 2}  # the sweep's iteration 0 is not a batch
+    assert got["batch_std"] == pytest.approx(0.0707107)
     assert modelopt_check.stored_row("real") is None  # no run: nothing to compare with
     _fake_04_run("real1", {**base, "SOURCE": "real"}, [{**row, "iteration": None, "AP": 0.31}])
     assert modelopt_check.stored_row("real")["AP"] == 0.31
@@ -182,3 +184,34 @@ def test_calibrating_a_model_without_quantizers_fails(mtq, detector, noise_batch
         modelopt_check.calibrate_percentile(detector, noise_batch, True)
     with pytest.raises(ValueError, match="variant"):
         modelopt_check.modelopt_quantized(detector, noise_batch, True, variant="fast")
+
+
+def _summary(median, low, high, worst="a", layers=2):
+    return {"layers": layers, "median": median, "min": low, "max": high, "worst_layer": worst,
+            "worst_ratio": low, "only_ours": [], "only_theirs": []}
+
+
+def test_tables_read_the_stored_result_in_points(tmp_path):
+    ratios = {"toolkit_vs_ours": _summary(1.0, 0.99, 1.01), "float_weights_vs_ours": _summary(1.0, 0.995, 1.005),
+              "matched_vs_float_weights": _summary(0.9996, 0.9994, 1.0002)}
+    source = {"ours": {"AP": 0.30}, "ours_float_weights": {"AP": 0.301},
+              "modelopt": {"toolkit": {"AP": 0.302}, "matched": {"AP": 0.299}}, "AP_gap_toolkit_minus_ours": 0.002,
+              "ratios": ratios, "stored_notebook04": {"AP": 0.30, "batch_std": 0.004}}
+    result = {"sources": {"real": source, "gaussian": {**source, "stored_notebook04": None}},
+              "source_vs_real": {"ours": {"gaussian": _summary(0.67, 0.26, 1.46)},
+                                 "toolkit": {"gaussian": _summary(0.65, 0.26, 1.46)}}}
+    path = tmp_path / "modelopt.json"
+    path.write_text(json.dumps(result))
+    ap = modelopt_check.ap_table(modelopt_check.load_result(str(path)))
+    assert ap["source"].tolist() == ["real", "gaussian"]  # notebook 04's order, not the JSON's sorted keys
+    real = ap.set_index("source").loc["real"]
+    assert real["ours"] == pytest.approx(30.0) and real["modelopt toolkit"] == pytest.approx(30.2)
+    assert real["toolkit - ours"] == pytest.approx(0.2) and real["notebook 04 batch std"] == pytest.approx(0.4)
+    assert real["same as notebook 04"] and not ap.set_index("source").loc["gaussian"]["same as notebook 04"]
+    ranges = modelopt_check.range_table(result)
+    assert len(ranges) == 6 and set(ranges["source"]) == {"real", "gaussian"}
+    first = ranges.iloc[0]
+    assert first["min %"] == pytest.approx(-1.0) and first["max %"] == pytest.approx(1.0)
+    assert modelopt_check.source_table(result)["median"].tolist() == [0.67, 0.65]
+    with pytest.raises(FileNotFoundError, match="tools.modelopt_crosscheck"):
+        modelopt_check.load_result(str(tmp_path / "missing.json"))
