@@ -6,9 +6,10 @@ module quantizes a detector with modelopt's own modules and calibrators and read
 chose, so that `helpers.quant` can be compared with the toolkit layer by layer and in mAP
 (`python -m tools.modelopt_crosscheck`).
 
-modelopt is an optional dependency (`pip install -e '.[crosscheck]'`); everything that needs it
+modelopt is an optional dependency (`pip install -e '.[crosscheck]'`; `modelopt.torch.quantization`
+imports huggingface_hub without declaring it, hence the extra package); everything that needs it
 imports it lazily through `require_modelopt`, and the comparison logic (`compare_ranges`,
-`modelopt_config`) is plain Python.
+`modelopt_config`, the tables over the stored result) is plain Python.
 
 The recipe is pytorch-quantization's, in modelopt's API: `mtq.quantize` with an INT8 config whose
 weight quantizers are per output channel (axis 0, max calibrator) and whose input quantizers are per
