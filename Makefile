@@ -10,7 +10,7 @@ BATCH ?= params/tiny.yaml
 export TQDM_MININTERVAL ?= 30
 export PYTHONHASHSEED := 0
 
-.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures seeds-table verify determinism
+.PHONY: install reproduce test unit smoke nbval notebooks clean-results benchmarks figures seeds-table verify determinism crosscheck
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -65,6 +65,11 @@ verify: install
 # the first epoch of the tiny pretraining under other CPU kernel families and a competing load -> results/benchmarks/determinism.json
 determinism: install
 	$(PY) -m tools.determinism_probe
+
+# NVIDIA modelopt against our calibration on the same batches (optional dependencies) -> results/crosscheck/modelopt.json
+crosscheck: install
+	$(PY) -m pip install --quiet -e ".[dev,crosscheck]"
+	$(PY) -m tools.modelopt_crosscheck
 
 # committed results make `make reproduce` skip finished runs; this forgets them so everything is recomputed
 clean-results:

@@ -291,6 +291,15 @@ def table_schemes(stored: Stored) -> pd.DataFrame:
     return table
 
 
+def table_export(stored: Stored) -> pd.DataFrame:
+    """Notebook 09: the exported int8 detector in onnxruntime beside the PyTorch models (AP, int8 convs, size)."""
+    from helpers import export
+    run = _newest(read_manifest(stored.batch), "09_export_onnx")
+    if run is None:
+        raise MissingResults(f"batch {stored.batch!r} has no stored 09_export_onnx run")
+    return export.summary_table(run.metrics())
+
+
 DFMPC_COLUMNS = ("part", "setting", "top1", "AP", "AP50", "size_mb", "mean_c", "sd_c")
 
 
@@ -878,7 +887,9 @@ TABLE_NOTES = {
                    "quantized part); mean_c / sd_c: the applied compensation (c = 1 for naive). \"data-fit c\" rows fit "
                    "c on data: a diagnostic, not DF-MPC. The paper's numbers: `helpers.dfmpc.PAPER_REFERENCE`.",
 }
-TABLE_DIGITS = {"dfmpc_table": 4}
+TABLE_NOTES["table_export"] = ("AP is COCO mAP as a fraction; int8_convs: convs onnxruntime runs as int8 kernels in its "
+                               "optimized graph; MB: the ONNX file; measured by notebook 09 (speed: results/benchmarks/onnx.json).")
+TABLE_DIGITS = {"dfmpc_table": 4, "table_export": 3}
 
 
 ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
@@ -892,6 +903,8 @@ ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
                              "(fine-tuned detector; gap_share: the gap to zero-shot as a share of its mAP, paper 0.385)."),
     "table_schemes": ("table", table_schemes, "Symmetric against asymmetric (the paper's Formula 1) quantization, "
                       "fine-tuned detector, 4 batches per cell."),
+    "table_export": ("table", table_export, "Deployable int8 (notebook 09): the W8A8 detector exported to ONNX and run in "
+                     "onnxruntime; AP as a fraction on the first 100 val images."),
     "fig2a_map_vs_iterations_pretrained": ("figure", lambda s: fig2_map_vs_iterations(s, "pretrain"), ""),
     "fig2b_map_vs_iterations_finetuned": ("figure", lambda s: fig2_map_vs_iterations(s, "finetune"), ""),
     "fig2c_loss_pretrained": ("figure", lambda s: fig2_loss(s, "pretrain"), ""),
