@@ -275,20 +275,21 @@ def table_claims(stored: Stored) -> pd.DataFrame:
     return claims
 
 
+def _comparison_table(stored: Stored, key: str, what: str) -> pd.DataFrame:
+    table = pd.DataFrame(stored.need("comparison").get(key) or [])
+    if table.empty:
+        raise MissingResults(f"the comparison run stored no {what}")
+    return table
+
+
 def table_noise_variants(stored: Stored) -> pd.DataFrame:
     """Notebook 06, section 9: every reading of "Gaussian noise" against zero-shot calibration, and whether it collapses."""
-    table = pd.DataFrame(stored.need("comparison").get("noise_variants") or [])
-    if table.empty:
-        raise MissingResults("the comparison run stored no noise variants (notebook 06, section 9)")
-    return table
+    return _comparison_table(stored, "noise_variants", "noise variants (notebook 06, section 9)")
 
 
 def table_schemes(stored: Stored) -> pd.DataFrame:
     """Notebook 06, section 10: symmetric (TensorRT's) against asymmetric (the paper's Formula 1) quantization."""
-    table = pd.DataFrame(stored.need("comparison").get("schemes") or [])
-    if table.empty:
-        raise MissingResults("the comparison run stored no scheme comparison (notebook 06, section 10)")
-    return table
+    return _comparison_table(stored, "schemes", "scheme comparison (notebook 06, section 10)")
 
 
 def table_export(stored: Stored) -> pd.DataFrame:
