@@ -429,3 +429,150 @@ def evaluator(images: torch.Tensor, masks: torch.Tensor | None, reference_logits
             out.update({k: v for k, v in segmentation_metrics(logits, masks).items() if k in ("IoU", "nIoU", "Pd", "Fa")})
         return out
     return evaluate
+
+
+# --------------------------------------------------------------------------- notebook 08's experiment (resumable)
+class Experiment:
+    """Notebook 08's segmentation study on one run folder. Every step stores its rows (JSON / JSONL) and, when
+    they are complete, returns them without touching the model or the data: a finished run is read back,
+    never recomputed. The model, data and distilled images are built lazily on the first step that needs them."""
+
+    def __init__(self, run, data_root: str, n_train: int, n_test: int, size: int, seed: int, epochs: int, lr: float,
+                 distill_images: int, distill_iterations: int, calib_images: int, symmetric: bool):
+        self.run, self.data_root, self.n_train, self.n_test, self.size = run, data_root, n_train, n_test, size
+        self.seed, self.epochs, self.lr, self.symmetric = seed, epochs, lr, symmetric
+        self.n_distill, self.distill_iterations, self.calib_images = distill_images, distill_iterations, calib_images
+        self._cache: dict = {}
+
+    # lazily built inputs
+    def _get(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def data(self) -> dict:
+        def build():
+            root = Path(runs.resolve_path(self.data_root))
+            if not (root / SPLIT_DIR).exists() and root.name.startswith("sirst_synthetic"):
+                write_synthetic(root, self.n_train, self.n_test, self.size, self.seed)
+            (tx, ty), (vx, vy) = stack(SirstSet(root, "train", size=self.size)), stack(SirstSet(root, "test", size=self.size))
+            return {"train": (tx, ty), "test": (vx, vy)}
+        return self._get("data", build)
+
+    @property
+    def model(self) -> TinyUNet:
+        def build():
+            torch.manual_seed(self.seed)
+            model = TinyUNet()
+            fit(model, *self.data["train"], self.run.path("segmenter_train.pt"), self.run.path("train_log.jsonl"),
+                epochs=self.epochs, lr=self.lr, seed=self.seed)
+            return model.eval()
+        return self._get("model", build)
+
+    @property
+    def distilled(self) -> torch.Tensor:
+        def build():
+            path = self.run.path("distilled.pt")
+            if path.exists():
+                return torch.load(path, weights_only=True)
+            images = distill_images(self.model, self.n_distill, self.size, self.distill_iterations, seed=self.seed)
+            runs.atomic_torch_save(path, images)
+            return images
+        return self._get("distilled", build)
+
+    def reference(self, source: str) -> torch.Tensor:
+        return self._get(("ref", source), lambda: predict(self.model, self.images(source)))
+
+    def images(self, source: str) -> torch.Tensor:
+        return self.data["test"][0] if source == "real" else self.distilled
+
+    def evaluator(self, source: str):
+        return evaluator(self.images(source), self.data["test"][1] if source == "real" else None, self.reference(source))
+
+    def calibration(self, source: str) -> list[torch.Tensor]:
+        """Real: the first training images; distilled: the distilled set (the zero-shot setting)."""
+        return [self.data["train"][0][:self.calib_images] if source == "real" else self.distilled]
+
+    @property
+    def blocks(self) -> dict[str, list[str]]:
+        return blocks(TinyUNet())
+
+    @property
+    def levels(self) -> dict[str, tuple[int, str]]:
+        return {n: (lv, side) for n, (_, lv, side) in block_names(TinyUNet()).items() if side in ("encoder", "decoder")}
+
+    @property
+    def fixed(self) -> dict:
+        return {"stem": (8, 8), "head": (8, 8)}
+
+    @property
+    def stats(self) -> dict:
+        from helpers import mixed_precision as mp
+        return self._get("stats", lambda: mp.block_stats(TinyUNet().eval(), self.blocks, torch.zeros(1, 1, self.size, self.size)))
+
+    # steps
+    def float_metrics(self) -> dict:
+        path = self.run.path("float.json")
+        if path.exists():
+            import json
+            return json.loads(path.read_text())
+        x, y = self.data["test"]
+        out = {**segmentation_metrics(self.reference("real"), y), "params": sum(p.numel() for p in self.model.parameters()),
+               "train_loss": runs.read_jsonl(self.run.path("train_log.jsonl"))[-1]["loss"], "test_images": len(x)}
+        runs.atomic_write_json(path, out)
+        return out
+
+    def sensitivity(self, source: str, bits, modes) -> list[dict]:
+        from helpers import mixed_precision as mp
+        path = self.run.path(f"sensitivity_{source}.jsonl")
+        expected = mp.sensitivity_settings(self.blocks, None, bits, modes)
+        rows = runs.read_jsonl(path) if path.exists() else []
+        if {(r["block"], r["mode"], r["bits"]) for r in rows} >= set(expected):
+            return rows
+        return mp.block_sensitivity(self.model, self.blocks, self.evaluator(source), self.calibration(source), bits, modes,
+                                    done=rows, on_row=lambda r: runs.append_jsonl(path, r), symmetric=self.symmetric)
+
+    def hessian_traces(self, samples: int = 8, batch: int = 16) -> dict[str, float]:
+        from helpers import mixed_precision as mp
+        path = self.run.path("hessian_traces.json")
+        if path.exists():
+            import json
+            return json.loads(path.read_text())
+        x, y = (t[:batch] for t in self.data["train"])
+        traces = mp.hutchinson_trace(self.model, lambda m: seg_loss(m(x), y), self.blocks, samples, self.seed)
+        runs.atomic_write_json(path, traces)
+        return traces
+
+    def policy_rows(self, budgets, tables: dict, omega: dict, qat_budgets=(), qat_epochs: int = 2, qat_lr: float = 1e-3,
+                    random_seeds=(0, 1)) -> list[dict]:
+        """One row per (budget, policy, stage): PTQ (calibrated on real training images) at every budget, then a
+        short STE QAT from that PTQ model at the budgets in `qat_budgets`."""
+        from helpers import mixed_precision as mp
+        path = self.run.path("policies.jsonl")
+        rows = runs.read_jsonl(path) if path.exists() else []
+        done = {(tuple(r["budget"]), r["policy"], r["stage"]) for r in rows}
+        for budget in budgets:
+            allocs = mp.policy_allocations(self.levels, self.stats, budget[0], budget[1], tables, omega, self.fixed,
+                                           random_seeds)
+            for policy, alloc in allocs.items():
+                stages = ["ptq"] + (["qat"] if list(budget) in [list(b) for b in qat_budgets] else [])
+                for stage in [s for s in stages if (tuple(budget), policy, s) not in done]:
+                    q = mp.quantize_allocation(self.model, self.blocks, alloc, symmetric=self.symmetric)
+                    mp.calibrate_if_needed(q, self.calibration("real"))
+                    if stage == "qat":
+                        student = mp.qat_student(self.model, q)
+                        tag = f"{budget[0]}_{budget[1]}_{policy}"
+                        fit(student, *self.data["train"], self.run.path(f"qat_{tag}.pt"), self.run.path(f"qat_{tag}.jsonl"),
+                            epochs=qat_epochs, lr=qat_lr, seed=self.seed, train_bn=False, teacher=self.model, progress=False)
+                        q = mp.to_quantized(student)
+                    row = {"budget": list(budget), "policy": policy, "stage": stage,
+                           **mp.allocation_row(q, self.stats, self.levels, alloc), **self.evaluator("real")(q)}
+                    runs.append_jsonl(path, row)
+                    rows.append(row)
+        return rows
+
+
+def format_metrics(m: dict) -> str:
+    """IoU, nIoU, Pd in x1e-2 and Fa in x1e-6, as the SIRST papers print them."""
+    return (f"IoU {100 * m['IoU']:.2f} | nIoU {100 * m['nIoU']:.2f} | Pd {100 * m['Pd']:.2f} | Fa {1e6 * m['Fa']:.1f} (x1e-2, Fa x1e-6)")

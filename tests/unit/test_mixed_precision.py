@@ -152,3 +152,21 @@ def test_bad_input_fails_before_any_work(unet_setup):
     with pytest.raises(ValueError, match="must be an integer in 2..8"):
         mp.uniform(levels, 4, 12)
     assert calls == []
+
+
+def test_figure_data_comes_from_the_stored_rows():
+    from helpers import runs, spmixq_figures
+    run = runs.open_run(spmixq_figures.NOTEBOOK, {"T": 1})
+    runs.atomic_write_json(run.path("float.json"), {"IoU": 0.5})
+    for source, kl in (("real", 0.2), ("distilled", 0.3)):
+        for block, iou in (("enc0", 0.3), ("dec0", 0.45)):
+            runs.append_jsonl(run.path(f"sensitivity_{source}.jsonl"),
+                              {"block": block, "mode": "W", "bits": 2, "sym_kl": kl, **({"IoU": iou} if source == "real" else {})})
+    runs.append_jsonl(run.path("policies.jsonl"), {"budget": [3, 4], "policy": "uniform", "stage": "ptq", "w_bits": 3.0,
+                                                   "a_bits": 4.0, "IoU": 0.4})
+    sens = spmixq_figures.sensitivity_data(run)
+    assert list(sens["block"]) == ["enc0", "dec0"]  # forward order
+    assert sens["IoU_drop"].tolist() == pytest.approx([0.2, 0.05])
+    assert sens["kl_distilled"].tolist() == [0.3, 0.3]
+    pareto = spmixq_figures.pareto_data(run)
+    assert "detector" not in pareto and pareto["segmenter"]["budget"].tolist() == ["W3/A4"]
