@@ -14,6 +14,8 @@ from matplotlib.figure import Figure
 from helpers import runs
 
 NOTEBOOK = "08_mixed_precision_spmixq"
+POLICY_COLORS = {"spmixq": "C0", "spmixq_reversed": "C1", "greedy_real": "C2", "greedy_distilled": "C3", "hawq_v3": "C4",
+                 "random_0": "C7", "random_1": "0.6"}  # one colour per policy in both panels
 BLOCK_ORDER = ["stem", "enc0", "enc1", "enc2", "enc3", "dec2", "dec1", "dec0", "head"]
 
 
@@ -37,7 +39,7 @@ def sensitivity_data(run: runs.Run, bits: int | None = None) -> pd.DataFrame:
 
 
 def sensitivity_figure(data: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(8, 3.2))
+    fig = Figure(figsize=(8.5, 3.4), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
     for ax, (column, label) in zip(axes, [("IoU_drop", "IoU drop (real images)"), ("kl_distilled", "sym. KL (distilled images)")]):
         for k, (mode, g) in enumerate(data.groupby("mode")):
@@ -65,7 +67,7 @@ def pareto_data(run: runs.Run) -> dict[str, pd.DataFrame]:
 
 def pareto_figure(data: dict[str, pd.DataFrame]) -> Figure:
     panels = [k for k in ("detector", "segmenter") if k in data]
-    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    fig = Figure(figsize=(4.8 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, key in zip(axes, panels):
         frame = data[key] if key == "detector" else data[key][data[key]["stage"] == "ptq"]
@@ -73,8 +75,8 @@ def pareto_figure(data: dict[str, pd.DataFrame]) -> Figure:
         uni = frame[frame["policy"] == "uniform"].sort_values("w_avg")
         ax.plot(uni["w_avg"], uni[y], "k--o", label="uniform")
         for policy, g in frame[frame["policy"] != "uniform"].groupby("policy"):
-            ax.scatter(g["w_avg"], g[y], label=policy, s=22)
-        ax.set_xlabel("average weight bits (parameter-weighted, measured)")
+            ax.scatter(g["w_avg"], g[y], label=policy, s=22, color=POLICY_COLORS.get(policy))
+        ax.set_xlabel("avg. weight bits (param.-weighted)")
         ax.set_ylabel("mAP" if key == "detector" else "IoU (after calibration)")
         ax.set_title("thermal RetinaNet, A8" if key == "detector" else "U-Net, SIRST-like set")
     axes[-1].legend(frameon=False, fontsize=7)
