@@ -949,3 +949,15 @@ def spmixq_claims(profile, ranks, table, fp: dict, levels: Mapping, det_table=No
                             "paper": "n/a (segmentation paper)", "ours": f"gap {gap:+.1f} mAP points",
                             "verdict": _verdict(gap >= 0.5, gap > 0)})
     return pd.DataFrame(out)
+
+
+def json_safe(obj):
+    """NaN and inf become None (a rank correlation of a constant profile, Pd without targets), so metrics.json
+    stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
