@@ -466,6 +466,18 @@ class QuantLinear(_QuantLayer, nn.Linear):
 QUANT_LAYERS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
+def trainable_conv_copy(cls: type, float_conv: nn.Conv2d) -> nn.Conv2d:
+    """A `cls` (an nn.Conv2d subclass for quantization-aware training) with `float_conv`'s geometry and a
+    trainable copy of its float weight and bias, built without initialising weights it overwrites."""
+    new = torch.nn.utils.skip_init(cls, float_conv.in_channels, float_conv.out_channels, float_conv.kernel_size,
+                                   stride=float_conv.stride, padding=float_conv.padding, dilation=float_conv.dilation,
+                                   groups=float_conv.groups, bias=float_conv.bias is not None,
+                                   padding_mode=float_conv.padding_mode, device=float_conv.weight.device)
+    new.weight = nn.Parameter(float_conv.weight.detach().clone())
+    new.bias = None if float_conv.bias is None else nn.Parameter(float_conv.bias.detach().clone())
+    return new
+
+
 def quant_layers(model: nn.Module) -> dict[str, _QuantLayer]:
     """Every quantized layer by qualified name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, _QuantLayer)}

@@ -479,12 +479,7 @@ class LSQConv2d(nn.Conv2d):
 
     @classmethod
     def from_quant(cls, float_conv: nn.Conv2d, qconv) -> "LSQConv2d":
-        new = torch.nn.utils.skip_init(cls, float_conv.in_channels, float_conv.out_channels, float_conv.kernel_size,
-                                       stride=float_conv.stride, padding=float_conv.padding, dilation=float_conv.dilation,
-                                       groups=float_conv.groups, bias=float_conv.bias is not None,
-                                       padding_mode=float_conv.padding_mode, device=float_conv.weight.device)
-        new.weight = nn.Parameter(float_conv.weight.detach().clone())
-        new.bias = None if float_conv.bias is None else nn.Parameter(float_conv.bias.detach().clone())
+        new = quant.trainable_conv_copy(cls, float_conv)
         new.w_range = quant.int_range(qconv.w_bits, True)
         new.w_step = nn.Parameter(qconv.weight_scale.detach().clone().view(-1, 1, 1, 1))
         new.w_grad = 1.0 / math.sqrt(new.weight[0].numel() * new.w_range[1])
