@@ -10,7 +10,13 @@ A batch file lists runs in order::
 
 A batch file can start from another, `extends: tiny.yaml` (a path relative to the file): it takes
 that batch's runs (unless it lists its own) and its `common`, updated with its own `common`, so
-the tiny batch with another seed is three lines.
+the tiny batch with another seed is three lines. `exclude:` drops runs of the base that match an
+entry (its notebook and, if given, a subset of its own `parameters`), e.g. the seed batches leave
+out the studies that are not part of the verdicts over seeds::
+
+    exclude:
+      - notebook: 09_export_onnx
+      - {notebook: 04_quantize_evaluate, parameters: {SYMMETRIC: false}}
 
 Each run's parameters are the notebook's defaults updated with `common` and its own
 `parameters`; their hash is the run id, so `results/<notebook>/<run_id>/` is known before the
@@ -74,7 +80,21 @@ def batch_spec(batch_file: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return {"common": common, "runs": spec.get("runs") or []}
     parent = batch_spec(path.parent / base, (*_chain, path))
-    return {"common": parent["common"] | common, "runs": spec.get("runs") or parent["runs"]}
+    runs = spec.get("runs") or parent["runs"]
+    exclude = spec.get("exclude") or []
+    for i, rule in enumerate(exclude):
+        if not isinstance(rule, dict) or "notebook" not in rule or set(rule) - {"notebook", "parameters"}:
+            raise BatchError(f"{path.name}: exclude[{i}] must be {{notebook: NAME, parameters: {{...}}}}, got {rule!r}")
+        if not any(_matches(run, rule) for run in runs):  # a stale rule would otherwise exclude nothing silently
+            raise BatchError(f"{path.name}: exclude[{i}] ({rule}) matches no run of {base}")
+    return {"common": parent["common"] | common,
+            "runs": [run for run in runs if not any(_matches(run, rule) for rule in exclude)]}
+
+
+def _matches(run: dict, rule: dict) -> bool:
+    own = run.get("parameters") or {}
+    return run["notebook"] == rule["notebook"] and all(
+        k in own and own[k] == v for k, v in (rule.get("parameters") or {}).items())
 
 
 def load_batch(batch_file: str | Path) -> list[dict]:

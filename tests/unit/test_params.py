@@ -42,6 +42,34 @@ def test_extended_batch_takes_the_base_runs_with_its_own_common(tmp_path):
         batch.load_batch(tmp_path / "orphan.yaml")
 
 
+def test_extended_batch_excludes_matching_runs_and_rejects_stale_rules(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "runs:\n  - notebook: 01_prepare_data\n  - notebook: 02_train_detector\n    parameters: {STAGE: pretrain}\n"
+        "  - notebook: 02_train_detector\n    parameters: {STAGE: finetune}\n")
+    (tmp_path / "cut.yaml").write_text("extends: base.yaml\nexclude:\n"
+                                       "  - {notebook: 02_train_detector, parameters: {STAGE: pretrain}}\n")
+    kept = batch.load_batch(tmp_path / "cut.yaml")
+    assert [(r["notebook"], r["overrides"].get("STAGE")) for r in kept] == [("01_prepare_data", None),
+                                                                           ("02_train_detector", "finetune")]
+    (tmp_path / "stale.yaml").write_text("extends: base.yaml\nexclude:\n  - {notebook: 02_train_detector, "
+                                         "parameters: {STAGE: distill}}\n")
+    with pytest.raises(batch.BatchError, match=r"exclude\[0\].*matches no run of base.yaml"):
+        batch.load_batch(tmp_path / "stale.yaml")
+    (tmp_path / "typo.yaml").write_text("extends: base.yaml\nexclude:\n  - {notbook: 01_prepare_data}\n")
+    with pytest.raises(batch.BatchError, match=r"exclude\[0\] must be"):
+        batch.load_batch(tmp_path / "typo.yaml")
+
+
+def test_seed_batches_hold_the_runs_their_committed_manifest_lists():
+    """The verdicts over seeds compare the same runs in every seed batch (the core runs, not the studies)."""
+    import json
+    manifest = json.loads((Path(batch.ROOT) / "results" / "manifest.json").read_text())["batches"]
+    for name in sorted(manifest):
+        if name.startswith("tiny_seed"):
+            runs = batch.load_batch(Path(batch.ROOT) / "params" / f"{name}.yaml")
+            assert {r["run_id"] for r in runs} == {r["run_id"] for r in manifest[name]}, name
+
+
 def test_batch_names_unknown_parameters(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("runs:\n  - notebook: 02_train_detector\n    parameters: {EPOCS: 3}\n")
