@@ -301,6 +301,46 @@ def table_export(stored: Stored) -> pd.DataFrame:
     return export.summary_table(run.metrics())
 
 
+def _spmixq_run(stored: Stored) -> runs.Run:
+    run = _newest(read_manifest(stored.batch), "08_mixed_precision_spmixq")
+    if run is None:
+        raise MissingResults(f"batch {stored.batch!r} has no stored 08_mixed_precision_spmixq run")
+    return run
+
+
+def fig_spmixq_sensitivity(stored: Stored) -> Figure:
+    """Notebook 08: the U-Net's per-block sensitivity, real images against BN-distilled ones."""
+    from helpers import spmixq_figures
+    return spmixq_figures.sensitivity_figure(spmixq_figures.sensitivity_data(_spmixq_run(stored)))
+
+
+def table_spmixq_sensitivity(stored: Stored) -> pd.DataFrame:
+    from helpers import spmixq_figures
+    return spmixq_figures.sensitivity_data(_spmixq_run(stored))
+
+
+def fig_spmixq_pareto(stored: Stored) -> Figure:
+    """Notebook 08: mAP (detector) and IoU (segmenter) against measured average weight bits, every policy."""
+    from helpers import spmixq_figures
+    return spmixq_figures.pareto_figure(spmixq_figures.pareto_data(_spmixq_run(stored)))
+
+
+def table_spmixq_pareto(stored: Stored, part: str) -> pd.DataFrame:
+    from helpers import spmixq_figures
+    data = spmixq_figures.pareto_data(_spmixq_run(stored))
+    if part not in data:
+        raise MissingResults(f"the 08 run of batch {stored.batch!r} stored no {part} policies")
+    return data[part]
+
+
+def table_spmixq_claims(stored: Stored) -> pd.DataFrame:
+    """Notebook 08's claims of the SPMix-Q paper with our measurement and verdict, as the run stored them."""
+    claims = _spmixq_run(stored).metrics().get("claims")
+    if not claims:
+        raise MissingResults(f"the 08 run of batch {stored.batch!r} stored no claims")
+    return pd.DataFrame(claims)[["claim", "paper", "ours", "verdict"]]
+
+
 DFMPC_COLUMNS = ("part", "setting", "top1", "AP", "AP50", "size_mb", "mean_c", "sd_c")
 
 
@@ -890,7 +930,22 @@ TABLE_NOTES = {
 }
 TABLE_NOTES["table_export"] = ("AP is COCO mAP as a fraction; int8_convs: convs onnxruntime runs as int8 kernels in its "
                                "optimized graph; MB: the ONNX file; measured by notebook 09 (speed: results/benchmarks/onnx.json).")
-TABLE_DIGITS = {"dfmpc_table": 4, "table_export": 3}
+TABLE_NOTES["table_spmixq_claims"] = (
+    "Notebook 08's rules (`mixed_precision.spmixq_claims`), IoU as a fraction: 'much better' needs a gap of at least "
+    "0.05 IoU and beyond the spread of the random allocations; 'comparable to FP' at most 10 % below FP (20 %: "
+    "direction only); other gaps at least 0.01 IoU (detector: 0.5 mAP points); else 'direction only' when the sign "
+    "agrees. The paper prints no numbers for these here (its tables were not reachable).")
+TABLE_NOTES["table_spmixq_sensitivity"] = (
+    "Notebook 08, one U-Net block quantized at a time at the lowest studied width; IoU_drop in IoU fractions "
+    "(real images), kl_real / kl_distilled: symmetric KL of the outputs to the FP32 model on real / BN-distilled images.")
+TABLE_NOTES["table_spmixq_pareto_detector"] = (
+    "Notebook 08, thermal RetinaNet at A8: AP / AP50 as fractions; w_avg: parameter-weighted average weight bits "
+    "measured on the quantized model.")
+TABLE_NOTES["table_spmixq_pareto_segmenter"] = (
+    "Notebook 08, U-Net on the SIRST-like set: IoU as a fraction, after calibration (ptq) and after the short QAT; "
+    "w_avg / a_avg: parameter- / element-weighted average bits measured on the quantized model.")
+TABLE_DIGITS = {"dfmpc_table": 4, "table_export": 3, "table_spmixq_sensitivity": 3, "table_spmixq_pareto_detector": 3,
+                "table_spmixq_pareto_segmenter": 3}
 
 
 ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
@@ -916,6 +971,14 @@ ARTIFACTS: dict[str, tuple[str, Callable[[Stored], object], str]] = {
     "dfmpc_table": ("table", dfmpc_table, "DF-MPC (notebook 05): classifier and detector."),
     "fig_dfmpc_lambda1": ("figure", lambda s: fig_dfmpc_lambda(s, "lambda1"), ""),
     "fig_dfmpc_lambda2": ("figure", lambda s: fig_dfmpc_lambda(s, "lambda2"), ""),
+    "table_spmixq_claims": ("table", table_spmixq_claims, "SPMix-Q's claims and ours (notebook 08)."),
+    "fig_spmixq_sensitivity": ("figure", fig_spmixq_sensitivity, ""),
+    "table_spmixq_sensitivity": ("table", table_spmixq_sensitivity, "SPMix-Q per-block sensitivity (notebook 08)."),
+    "fig_spmixq_pareto": ("figure", fig_spmixq_pareto, ""),
+    "table_spmixq_pareto_detector": ("table", lambda s: table_spmixq_pareto(s, "detector"),
+                                     "SPMix-Q policies on the thermal detector (notebook 08)."),
+    "table_spmixq_pareto_segmenter": ("table", lambda s: table_spmixq_pareto(s, "segmenter"),
+                                      "SPMix-Q policies on the U-Net (notebook 08)."),
 }
 
 
@@ -959,6 +1022,39 @@ def results_page(report: dict[str, list[Path] | str], out_dir: str | Path = "res
     return _write_bytes(out_dir.parent / "RESULTS.md", text.encode())
 
 
+# the README's findings: these generated tables, pasted between the markers by `make figures` / `make seeds-table`
+FINDINGS = {"table_claims_seeds": "The core paper's claims over the seed batches",
+            "table_spmixq_claims": "SPMix-Q's claims (companion paper 4, notebook 08, seed 0)"}
+FINDINGS_START, FINDINGS_END = "<!-- findings: generated by `make figures` from results/figures; do not edit -->", \
+    "<!-- end of findings -->"
+
+
+def findings_block(out_dir: str | Path = "results/figures") -> str:
+    """The README's findings section body from the stored tables (captions state the rules)."""
+    out_dir = output_dir(out_dir)
+    parts = [FINDINGS_START]
+    for name, title in FINDINGS.items():
+        md = out_dir / f"{name}.md"
+        parts += [f"### {title}", "", md.read_text().strip() if md.exists() else f"(`{name}` not stored yet)", ""]
+    return "\n".join(parts + [FINDINGS_END])
+
+
+def update_readme_findings(readme: Path | None = None, out_dir: str | Path = "results/figures") -> Path | None:
+    """Replace the README's findings block with `findings_block()`. Without `readme`, only figures in the project's
+    own results/figures update the project's README (a redirected results tree, as in tests and smoke runs, does
+    not); None when nothing is updated or the README has no markers."""
+    if readme is None:
+        if output_dir(out_dir).resolve() != (runs.ROOT / "results" / "figures").resolve():
+            return None
+        readme = runs.ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.find(FINDINGS_START), text.find(FINDINGS_END)
+    if start < 0 or end < start:
+        return None
+    updated = text[:start] + findings_block(out_dir) + text[end + len(FINDINGS_END):]
+    return _write_bytes(readme, updated.encode()) if updated != text else readme
+
+
 def make_all(stored: Stored, out_dir: str | Path = "results/figures") -> dict[str, list[Path] | str]:
     """Every artifact the batch has results for: name -> written paths, or the reason it was skipped."""
     report = {}
@@ -993,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
                    "relative effect and a gap beyond the spread (notebook 06's rules).")
         print("table_claims_seeds:", ", ".join(display_path(p) for p in
                                              save_table(over, "table_claims_seeds", args.out, caption)))
+        update_readme_findings(out_dir=args.out)
         return 0
     try:
         stored = load(args.batch)
@@ -1001,6 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = make_all(stored, args.out)
     report["RESULTS.md"] = [results_page(report, args.out)]
+    readme = update_readme_findings(out_dir=args.out)
+    if readme is not None:
+        report["README.md findings"] = [readme]
     for name, result in report.items():
         print(f"{name}: {result}" if isinstance(result, str) else f"{name}: {', '.join(display_path(p) for p in result)}")
     return 0 if any(not isinstance(r, str) for r in report.values()) else 1

@@ -4,7 +4,7 @@
   images and the data-free discrepancy with BN-distilled images, per mode, blocks in forward order).
 - `pareto_data` / `pareto_figure`: the thermal RetinaNet's mAP against measured average weight bits, every policy
   beside the uniform W8/W6/W4 points, and the same for the segmenter's policies (IoU against weight bits).
-- `write_all()`: the PNG/PDF figures and the CSV/MD tables under results/figures (`helpers.plots.save`).
+`helpers.plots` (its ARTIFACTS, `make figures`, notebook 10) writes them as PNG/PDF figures and CSV/MD tables.
 """
 from __future__ import annotations
 
@@ -81,17 +81,3 @@ def pareto_figure(data: dict[str, pd.DataFrame]) -> Figure:
         ax.set_title("thermal RetinaNet, A8" if key == "detector" else "U-Net, SIRST-like set")
     axes[-1].legend(frameon=False, fontsize=7)
     return fig
-
-
-def write_all(run: runs.Run | None = None, out_dir: str = "results/figures") -> list:
-    from helpers import plots
-    run = run or stored_run()
-    sens, pareto = sensitivity_data(run), pareto_data(run)
-    written = plots.save(sensitivity_figure(sens), "fig_spmixq_sensitivity", out_dir)
-    written += plots.save(pareto_figure(pareto), "fig_spmixq_pareto", out_dir)
-    written += plots.save_table(sens, "table_spmixq_sensitivity", out_dir,
-                                caption="**SPMix-Q sensitivity (notebook 08).** One U-Net block at a time at the lowest studied width.", digits=3)
-    for key, frame in pareto.items():
-        written += plots.save_table(frame, f"table_spmixq_pareto_{key}", out_dir,
-                                    caption=f"**SPMix-Q policies, {key} (notebook 08).** Averages measured on the quantized models.", digits=3)
-    return written

@@ -258,7 +258,7 @@ def test_main_regenerates_every_artifact_and_skips_dfmpc_with_a_reason(tree, cap
         if "dfmpc" in name:
             assert f"{name}: skipped: batch 'tiny' has no stored 05_compensate_dfmpc run" in out
             assert not any(w.startswith(name + ".") for w in written)
-        elif name in ("table_noise_variants", "table_schemes", "table_export"):  # this small tree lacks those runs
+        elif name in ("table_noise_variants", "table_schemes", "table_export") or "spmixq" in name:  # this small tree lacks those runs
             assert f"{name}: skipped: " in out and not any(w.startswith(name + ".") for w in written)
         else:
             assert all(f"{name}{s}" in written for s in suffixes), name
@@ -338,3 +338,27 @@ def test_seed_table_reads_each_batch_stored_verdicts_and_marks_what_it_lacks(tre
     written = (runs.results_dir() / "figures" / "table_seeds.md").read_text()
     assert "| verdict | tiny |" in written and f"{zsq:.2f} vs {ptq:.2f}" in written
     assert plots.main(["--seeds", "tiny", "absent"]) == 1 and "no batch 'absent'" in capsys.readouterr().err
+
+
+def test_readme_findings_are_the_stored_tables_and_only_the_projects_figures_update_it(tree, tmp_path):
+    committed = (runs.ROOT / "README.md").read_text()
+    start, end = committed.index(plots.FINDINGS_START), committed.index(plots.FINDINGS_END) + len(plots.FINDINGS_END)
+    # the committed README says what the committed tables say (make figures / make seeds-table paste them)
+    assert committed[start:end] == plots.findings_block(runs.ROOT / "results" / "figures")
+    assert plots.update_readme_findings(out_dir="results/figures") is None  # the tree fixture redirects results
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{plots.FINDINGS_START}\nstale\n{plots.FINDINGS_END}\n\n## after\n")
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "table_claims_seeds.md").write_text("| claim | verdict |\n|---|---|\n| a | holds |\n")
+    plots.update_readme_findings(readme, figures)
+    text = readme.read_text()
+    assert "stale" not in text and "| a | holds |" in text and "`table_spmixq_claims` not stored yet" in text
+    assert text.endswith(f"{plots.FINDINGS_END}\n\n## after\n")
+
+
+def test_spmixq_artifacts_are_skipped_with_a_reason_without_an_08_run(tree):
+    stored = plots.load("tiny")
+    for name in ("fig_spmixq_sensitivity", "table_spmixq_claims", "table_spmixq_pareto_detector"):
+        with pytest.raises(plots.MissingResults, match="no stored 08_mixed_precision_spmixq run"):
+            plots.make(name, stored)
