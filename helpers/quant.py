@@ -52,7 +52,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -81,6 +83,57 @@ def check_calibrator(calibrator: str, symmetric: bool, percentile: float) -> Non
                          "or another calibrator (max, percentile, mse) for asymmetric ranges")
     if not 50.0 < float(percentile) <= 100.0:
         raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
+
+
+_SETTING = re.compile(r"^W(\d)A(\d)$")
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """One bit setting of the whole model ("W8A4": 8-bit weights, 4-bit activations) with its activation
+    calibrator, percentile and scheme, checked once when it is made (before any work starts).
+
+    `QuantSetting.parse("W8A4", calibrator="percentile", percentile=99.99, symmetric=True)`;
+    `setting.quantize(model)` is `quantize_model` with these values; `setting.name` is "W8A4".
+    """
+    w_bits: int
+    a_bits: int
+    calibrator: str = "percentile"
+    percentile: float = 99.99
+    symmetric: bool = True
+
+    def __post_init__(self):
+        name = f"W{self.w_bits}A{self.a_bits}"
+        object.__setattr__(self, "w_bits", check_bits(self.w_bits, f"weight bits of {name}"))
+        object.__setattr__(self, "a_bits", check_bits(self.a_bits, f"activation bits of {name}"))
+        check_calibrator(self.calibrator, self.symmetric, self.percentile)
+
+    @classmethod
+    def parse(cls, setting: str, calibrator: str = "percentile", percentile: float = 99.99,
+              symmetric: bool = True) -> "QuantSetting":
+        """"W8A4" -> QuantSetting(8, 4, ...); fails with ValueError on anything else or on bits outside 2..8."""
+        match = _SETTING.match(str(setting))
+        if not match:
+            raise ValueError(f"bit setting must look like 'W8A8' (weights, activations), got {setting!r}")
+        return cls(int(match[1]), int(match[2]), calibrator, percentile, symmetric)
+
+    @classmethod
+    def of(cls, setting: "QuantSetting | str") -> "QuantSetting":
+        """A QuantSetting as given, or a "W8A4" string parsed with the default calibration."""
+        return setting if isinstance(setting, cls) else cls.parse(setting)
+
+    @property
+    def name(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def scheme(self) -> str:
+        return "symmetric" if self.symmetric else "asymmetric"
+
+    def quantize(self, model: nn.Module, **kwargs) -> nn.Module:
+        """`quantize_model` at this setting (kwargs: weight_calibrator, num_bins, layer_bits, exclude)."""
+        return quantize_model(model, self.w_bits, self.a_bits, self.calibrator, self.percentile, self.symmetric,
+                              **kwargs)
 
 
 # --------------------------------------------------------------------------- integer grid

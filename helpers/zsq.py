@@ -20,7 +20,6 @@ Calibration sources (all in batches of `batch_size`, paper: 8):
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -33,24 +32,13 @@ from helpers.upstream import detector_run, load_detector, load_distilled, traini
 NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")
 SOURCES = ("distilled", "real", *NOISE_SOURCES)
 PAPER_INPUT_SIZE = (512, 640)  # FLIR ADAS frames, the paper's input size (H, W)
-_SETTING = re.compile(r"^W(\d)A(\d)$")
 
 
+# used by task_zsq (issue 16); remove when it imports from quant.QuantSetting
 def parse_setting(setting: str) -> tuple[int, int]:
-    """"W8A4" -> (8, 4); bit widths are checked (2..8) before any work starts."""
-    match = _SETTING.match(str(setting))
-    if not match:
-        raise ValueError(f"bit setting must look like 'W8A8' (weights, activations), got {setting!r}")
-    w_bits, a_bits = int(match[1]), int(match[2])
-    return quant.check_bits(w_bits, f"weight bits of {setting}"), quant.check_bits(a_bits, f"activation bits of {setting}")
-
-
-
-
-
-
-
-
+    """"W8A4" -> (8, 4), checked by `quant.QuantSetting.parse`."""
+    parsed = quant.QuantSetting.parse(setting)
+    return parsed.w_bits, parsed.a_bits
 
 
 def real_batches(dataset, n_batches: int, batch_size: int = 8) -> list[list[torch.Tensor]]:
@@ -145,7 +133,7 @@ def first_batches(detector: runs.Run, model: torch.nn.Module, seed: int = 0, bat
 def calibrated_ranges(model: torch.nn.Module, batch, normalized: bool, a_bits: int = 8,
                       calibrator: str = "percentile", percentile: float = 99.99) -> dict[str, float]:
     """Clipping value (amax) of every layer input after calibrating a copy of `model` on `batch`."""
-    q = quant.quantize_model(model, 8, a_bits, calibrator, percentile)
+    q = quant.QuantSetting(8, a_bits, calibrator, percentile).quantize(model)
     quant.calibrate(q, [batch], normalized=normalized, progress=False)
     return {name: float(quantizer.hi) for name, quantizer in quant.input_quantizers(q).items()}
 
@@ -158,19 +146,19 @@ def first_layer_range(model: torch.nn.Module) -> float:
 
 def quantized_copy(model, setting: str, calibrator: str = "percentile", percentile: float = 99.99,
                    symmetric: bool = True) -> torch.nn.Module:
-    """A copy of `model` with weights quantized to `setting`; activations still to calibrate."""
-    w_bits, a_bits = parse_setting(setting)
-    return quant.quantize_model(model, w_bits, a_bits, calibrator, percentile, symmetric)
+    """A copy of `model` with weights quantized to `setting` ("W8A4"); activations still to calibrate."""
+    return quant.QuantSetting.parse(setting, calibrator, percentile, symmetric).quantize(model)
 
 
-def quantized_map(model, batch, normalized: bool, val_set, setting: str, calibrator: str = "percentile",
-                  percentile: float = 99.99, symmetric: bool = True, quantized: torch.nn.Module | None = None) -> dict:
+def quantized_map(model, batch, normalized: bool, val_set, setting: quant.QuantSetting | str,
+                  quantized: torch.nn.Module | None = None) -> dict:
     """Quantize a copy of `model` to `setting`, calibrate it on one batch, and measure mAP on `val_set`.
 
-    `quantized`: a `quantized_copy` of `model` for this setting to reuse (calibration starts fresh
-    histograms and overwrites every range, so a reused copy gives the same result as a new one).
+    `setting`: a `quant.QuantSetting` (a "W8A4" string means the default calibration).
+    `quantized`: a `setting.quantize(model)` copy to reuse (calibration starts fresh histograms and
+    overwrites every range, so a reused copy gives the same result as a new one).
     """
-    q = quantized_copy(model, setting, calibrator, percentile, symmetric) if quantized is None else quantized
+    q = quant.QuantSetting.of(setting).quantize(model) if quantized is None else quantized
     quant.calibrate(q, [batch], normalized=normalized, progress=False)
     metrics = evaluate.evaluate_detector(q, val_set, progress=False)
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"],
@@ -181,32 +169,32 @@ def done_keys(rows: list[dict]) -> set[tuple]:
     return {(r["setting"], r["iteration"], r["batch"]) for r in rows}
 
 
-def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bool, val_set, settings: list[str],
-             rows_path: Path, calibrator: str = "percentile", percentile: float = 99.99,
-             progress: bool | None = None, symmetric: bool = True) -> list[dict]:
+def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bool, val_set,
+             settings: list[quant.QuantSetting | str], rows_path: Path, progress: bool | None = None) -> list[dict]:
     """Evaluate every (setting, iteration, batch) not yet in `rows_path`, appending one row each.
 
-    `batches_by_iteration` maps a distillation iteration (None for real/noise sources) to its batches.
-    Returns all rows, old and new, in grid order.
+    `settings`: `quant.QuantSetting`s (a "W8A4" string means the default calibration), all checked
+    before any row. `batches_by_iteration` maps a distillation iteration (None for real/noise
+    sources) to its batches. A row is keyed by the setting's name; an asymmetric setting's rows say
+    so (`"scheme": "asymmetric"`). Returns all rows, old and new, in grid order.
     """
-    for setting in settings:
-        parse_setting(setting)
-    quant.check_calibrator(calibrator, symmetric, percentile)
+    settings = [quant.QuantSetting.of(s) for s in settings]
+    by_name = {s.name: s for s in settings}
     rows = runs.read_jsonl(rows_path)
     done = done_keys(rows)
-    grid = [(s, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
+    grid = [(s.name, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
     todo = [key for key in grid if key not in done]
     kwargs = {"disable": not todo} if progress is None else {"disable": not (progress and todo)}
     val_set = data.Preloaded(val_set) if todo else val_set  # every row evaluates the same images
     copy_setting, copy = None, None  # the grid is setting-major: quantize weights once per setting
-    for setting, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
-        if setting != copy_setting:
-            copy_setting, copy = setting, quantized_copy(model, setting, calibrator, percentile, symmetric)
-        result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
-                               calibrator, percentile, symmetric, quantized=copy)
-        row = {"setting": setting, "iteration": iteration, "batch": b, **result}
-        if not symmetric:  # rows made before the scheme was a parameter are all symmetric
-            row["scheme"] = "asymmetric"
+    for name, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
+        setting = by_name[name]
+        if name != copy_setting:
+            copy_setting, copy = name, setting.quantize(model)
+        result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting, quantized=copy)
+        row = {"setting": name, "iteration": iteration, "batch": b, **result}
+        if not setting.symmetric:  # rows made before the scheme was a parameter are all symmetric
+            row["scheme"] = setting.scheme
         runs.append_jsonl(rows_path, row)
         rows.append(row)
     by_key = {(r["setting"], r["iteration"], r["batch"]): r for r in rows}

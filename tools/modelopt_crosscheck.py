@@ -42,9 +42,9 @@ def source_ratios(ranges: dict[str, dict[str, float]], reference: str = "real") 
 
 def check_source(model, images, normalized: bool, val_set, percentile: float, all_maps: bool) -> dict:
     """Everything measured on one calibration batch (see the module docstring)."""
-    ours_q = zsq.quantized_copy(model, SETTING, "percentile", percentile)
-    ours_metrics = zsq.quantized_map(model, images, normalized, val_set, SETTING, "percentile", percentile,
-                                     quantized=ours_q)
+    setting = quant.QuantSetting.parse(SETTING, "percentile", percentile)
+    ours_q = setting.quantize(model)
+    ours_metrics = zsq.quantized_map(model, images, normalized, val_set, setting, quantized=ours_q)
     ours = {name: float(qz.hi) for name, qz in quant.input_quantizers(ours_q).items()}
     facts = modelopt_check.histogram_facts(ours_q)
     float_q = modelopt_check.float_weight_calibrated(model, images, normalized, percentile, SETTING)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--val-limit must be >= 0")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
-    quant.check_calibrator("percentile", True, args.percentile)
+    quant.QuantSetting.parse(SETTING, "percentile", args.percentile)  # a bad percentile fails before any work
     result = crosscheck(args.seed, args.data_root, args.val_limit, args.percentile, not args.toolkit_map_only,
                         args.threads)
     out = args.out or str(runs.results_dir().joinpath(*RESULT))

@@ -344,6 +344,42 @@ def test_bad_arguments_fail_before_any_work(kwargs, message):
         quant.quantize_model(_Untouchable(), **kwargs)
 
 
+def test_a_setting_is_parsed_and_checked_once():
+    s = quant.QuantSetting.parse("W4A8", calibrator="mse", percentile=99.9, symmetric=False)
+    assert (s.w_bits, s.a_bits, s.calibrator, s.percentile, s.symmetric) == (4, 8, "mse", 99.9, False)
+    assert (s.name, s.scheme) == ("W4A8", "asymmetric") and quant.QuantSetting.parse("W8A8").scheme == "symmetric"
+    assert quant.QuantSetting.of(s) is s and quant.QuantSetting.of("W4A8") == quant.QuantSetting(4, 8)
+    with pytest.raises(AttributeError):
+        s.w_bits = 8  # frozen: a checked setting stays checked
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("W9A8", "weight bits of W9A8 must be an integer in 2..8, got 9"),
+    ("W8A1", "activation bits of W8A1 must be an integer in 2..8, got 1"),
+    ("8/8", "bit setting must look like 'W8A8'"), ("W8", "bit setting"), ("w8a8", "bit setting"), (8, "bit setting"),
+    ("W16A16", "bit setting"),
+])
+def test_bad_bit_settings_name_the_setting(bad, message):
+    with pytest.raises(ValueError, match=message):
+        quant.QuantSetting.parse(bad)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"calibrator": "kl"}, "calibrator must be one of"),
+                                             ({"calibrator": "entropy", "symmetric": False}, "symmetric"),
+                                             ({"percentile": 40}, "percentile must be in")])
+def test_bad_calibration_of_a_setting_fails_when_it_is_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quant.QuantSetting.parse("W8A8", **kwargs)
+
+
+def test_a_setting_quantizes_like_quantize_model(tiny):
+    s = quant.QuantSetting.parse("W4A6", calibrator="max", symmetric=False)
+    got, want = s.quantize(tiny), quant.quantize_model(tiny, 4, 6, "max", 99.99, False)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    layer = next(iter(quant.quant_layers(got).values()))
+    assert (layer.w_bits, layer.input_quantizer.bits, layer.symmetric, layer.input_quantizer.calibrator) == (4, 6, False, "max")
+
+
 def test_bad_calibrate_arguments_fail_before_the_data_pass(w8a8, tiny):
     q, _ = w8a8
 

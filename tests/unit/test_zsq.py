@@ -153,7 +153,8 @@ def test_noise_sources_are_seeded_and_fed_as_the_docstring_says(detector):
 
 def test_an_asymmetric_grid_marks_its_rows(detector, val_set, tmp_path):
     batches = {None: zsq.gaussian_batches(1, 2, zsq.image_size(detector), 0)}
-    rows = zsq.run_grid(detector, batches, True, val_set, ["W8A4"], tmp_path / "rows.jsonl", symmetric=False)
+    asymmetric = quant.QuantSetting.parse("W8A4", symmetric=False)
+    rows = zsq.run_grid(detector, batches, True, val_set, [asymmetric], tmp_path / "rows.jsonl")
     assert rows[0]["scheme"] == "asymmetric"
     sym = zsq.run_grid(detector, batches, True, val_set, ["W8A4"], tmp_path / "sym.jsonl")
     assert "scheme" not in sym[0]
