@@ -10,6 +10,7 @@ Pairing for torchvision ResNets (spec 3, Fig. 2): BasicBlock conv1 -> conv2, Bot
 conv2 -> conv3. Every other conv / linear (stem, downsample, bottleneck conv1, fc) is "other":
 `high_bits` uniform without compensation, or FP32 with `quantize_other=False`.
 Only weights are quantized (activations stay FP32), and weights are stored de-quantized (simulation).
+The layer-wise quantizers (TWN, Eq. 6), the bit checks and the size count are `helpers.quant`'s.
 
 Beyond the method: `scale_diagnostics` measures, data-free, how much of a low-bit layer's error a
 per-channel scale can remove at all (the only thing c can change), and `data_fit_coefficients` fits
@@ -35,66 +36,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from helpers import references, runs
-
-LowBits = str | int
+from helpers import quant, references, runs
+from helpers.quant import LowBits, layerwise_quantize, uniform_quantize
 MODES = ("dfmpc", "naive")
 SETTING_MODES = ("fp32", "naive", "dfmpc", "data-fit")
 APPLY = ("bn", "weight")
-
-
-# --------------------------------------------------------------------------- quantizers
-def check_bits(bits, allow_ternary: bool = False) -> int | str:
-    """Validate a bit width: an int in 2..8, or "ternary" when `allow_ternary`; raise ValueError otherwise.
-
-    Ternary (TWN) is the paper's "2-bit". An int k means the uniform quantizer of Eq. 6 (so low_bits=2
-    is a 4-level grid without zero, not TWN).
-    """
-    if allow_ternary and bits == "ternary":
-        return bits
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        allowed = '"ternary" or an int in 2..8' if allow_ternary else "an int in 2..8"
-        raise ValueError(f"bit width must be {allowed}, got {bits!r}")
-    return bits
-
-
-def storage_bits(bits: LowBits) -> int:
-    """Bits per stored weight: ternary counts as 2."""
-    return 2 if bits == "ternary" else int(bits)
-
-
-def twn_quantize(w: torch.Tensor) -> torch.Tensor:
-    """TWN (spec 2.1, Eqs. 3-4), layer-wise: Delta = 0.7 mean|W|, alpha = mean |W| over |W| > Delta.
-
-    Returns the de-quantized tensor alpha * T (same shape and dtype); all zeros if nothing survives.
-    """
-    a = w.abs()
-    mask = a > 0.7 * a.mean()
-    if not bool(mask.any()):
-        return torch.zeros_like(w)
-    return a[mask].mean() * torch.sign(w) * mask
-
-
-def twn_scale(w: torch.Tensor) -> torch.Tensor:
-    """The layer-wise TWN scale alpha (0 if nothing survives the threshold)."""
-    a = w.abs()
-    mask = a > 0.7 * a.mean()
-    return a[mask].mean() if bool(mask.any()) else a.new_zeros(())
-
-
-def uniform_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Eq. 6 (DoReFa-style, linear: no tanh), layer-wise max|W|, de-quantized: 2**bits levels in [-max, max]."""
-    bits = check_bits(bits)
-    s = w.abs().max()
-    if float(s) == 0.0:
-        return torch.zeros_like(w)
-    n = 2 ** bits - 1
-    return s * (2.0 / n * torch.round(n * (w / (2 * s) + 0.5)) - 1.0)
-
-
-def quantize(w: torch.Tensor, bits: LowBits) -> torch.Tensor:
-    """"ternary" -> `twn_quantize`, int k -> `uniform_quantize(w, k)`."""
-    return twn_quantize(w) if check_bits(bits, allow_ternary=True) == "ternary" else uniform_quantize(w, bits)
 
 
 # --------------------------------------------------------------------------- closed form
@@ -188,7 +134,7 @@ def compensate_pair(low: nn.Module, bn: nn.Module, high: nn.Module, low_bits: Lo
     (naive) and at c (compensated).
     """
     w = low.weight.detach().clone()
-    w_hat = quantize(w, low_bits)
+    w_hat = layerwise_quantize(w, low_bits)
     if c is None:
         c = compensation_coefficients(w, w_hat, bn, lambda1, lambda2)
     else:
@@ -212,8 +158,8 @@ def compensate_pair(low: nn.Module, bn: nn.Module, high: nn.Module, low_bits: Lo
 
 
 def _check_args(low_bits, high_bits, mode, apply, lambda1: float = 0.0, lambda2: float = 0.0) -> None:
-    check_bits(low_bits, allow_ternary=True)
-    check_bits(high_bits)
+    quant.check_bits(low_bits, "low_bits", ternary=True)
+    quant.check_bits(high_bits, "high_bits")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if apply not in APPLY:
@@ -268,13 +214,10 @@ def compensate(module: nn.Module, low_bits: LowBits = "ternary", high_bits: int 
                 m.weight.copy_(uniform_quantize(m.weight, high_bits))
             layers[name] = high_bits if quantize_other else "fp32"
 
-    weight_bits = sum(modules[n].weight.numel() * (32 if b == "fp32" else storage_bits(b)) for n, b in layers.items())
-    n_weights = sum(modules[n].weight.numel() for n in layers)
-    n_params = sum(p.numel() for p in module.parameters())
-    mib = 8 * 2 ** 20
-    size = {"weights_mib": weight_bits / mib, "other_params_fp32_mib": (n_params - n_weights) * 32 / mib,
-            "fp32_mib": n_params * 32 / mib, "params": n_params, "quantized_weights": n_weights}
-    size["total_mib"] = size["weights_mib"] + size["other_params_fp32_mib"]
+    weights_mib, total_mib = quant.model_size(module, layers, weights_only=True), quant.model_size(module, layers)
+    size = {"weights_mib": weights_mib, "other_params_fp32_mib": total_mib - weights_mib,
+            "fp32_mib": quant.model_size(module), "params": sum(p.numel() for p in module.parameters()),
+            "quantized_weights": sum(modules[n].weight.numel() for n in layers), "total_mib": total_mib}
     size["ratio"] = size["fp32_mib"] / size["total_mib"]
     return {"mode": mode, "apply": apply, "low_bits": low_bits, "high_bits": high_bits, "lambda1": lambda1,
             "lambda2": lambda2, "quantize_other": quantize_other, "pairs": reports,
@@ -303,7 +246,7 @@ def scale_diagnostics(module: nn.Module, low_bits: LowBits = "ternary") -> dict:
     cosines, scales = [], []
     for pair in find_pairs(module):
         w, bn = modules[pair.low].weight.detach(), modules[pair.bn]
-        w_hat = quantize(w, low_bits)
+        w_hat = layerwise_quantize(w, low_bits)
         x, xh, _, _ = _xy(w, w_hat, bn, None)
         c0 = compensation_coefficients(w, w_hat, bn, 0.0, 0.0)
         err, scaled = float(((xh - x) ** 2).sum()), float(((c0[:, None] * xh - x) ** 2).sum())
@@ -351,7 +294,7 @@ def data_fit_coefficients(module: nn.Module, low_bits: LowBits, run: Callable[[]
         return fn
 
     handles = [modules[p.low].register_forward_hook(
-        hook(p.low, modules[p.low], modules[p.bn], quantize(modules[p.low].weight, low_bits))) for p in pairs]
+        hook(p.low, modules[p.low], modules[p.bn], layerwise_quantize(modules[p.low].weight, low_bits))) for p in pairs]
     try:
         run()
     finally:
@@ -396,7 +339,7 @@ class Setting:
         if self.mode == "fp32":
             return "FP32"
         name = {"naive": "naive", "dfmpc": "DF-MPC", "data-fit": "data-fit c"}[self.mode]
-        return f"{name} {storage_bits(self.low_bits)}/{self.high_bits}" + (" (TWN)" if self.low_bits == "ternary" else "")
+        return f"{name} {quant.storage_bits(self.low_bits)}/{self.high_bits}" + (" (TWN)" if self.low_bits == "ternary" else "")
 
     def key(self) -> dict:
         """JSON-ready identity: bit widths as "fp32" / "ternary" / "3" and 6 (int), lambdas or None."""
@@ -448,7 +391,7 @@ def evaluate_settings(model: nn.Module, settings: list[Setting], evaluate: Calla
         q = copy.deepcopy(model)
         c_stats = {"mean": 1.0, "sd": 0.0}
         if s.mode == "fp32":
-            size_mb = sum(p.numel() for p in target(q).parameters()) * 32 / (8 * 2 ** 20)
+            size_mb = quant.model_size(target(q))
         else:
             coefficients = None
             if s.mode == "data-fit":

@@ -38,7 +38,7 @@ from helpers import quant
 
 BIT_LADDER = (8, 6, 5, 4, 3, 2)  # the greedy's moves: one rung down at a time
 MODES = ("W", "A", "WA")
-FLOAT_BITS = 32
+FLOAT_BITS = quant.FLOAT_BITS
 Allocation = dict[str, tuple[int, int | None]]
 
 
@@ -147,7 +147,7 @@ def average_bits(qmodel: nn.Module, stats: dict, scope: Iterable[str] | None = N
     if not w_den:
         raise MixedPrecisionError(f"no layers of blocks {sorted(scope)} in the stats")
     return {"w_bits": w_num / w_den, "a_bits": a_num / a_den,
-            "a_bits_block": float(np.mean([n / d for n, d in block_a.values()])), "size_kib": w_num / 8 / 1024}
+            "a_bits_block": float(np.mean([n / d for n, d in block_a.values()])), "size_kib": quant.size_in(w_num, "KiB")}
 
 
 def allocation_bits(allocation: Mapping[str, tuple[int, int | None]], stats: dict) -> dict:
@@ -159,7 +159,7 @@ def allocation_bits(allocation: Mapping[str, tuple[int, int | None]], stats: dic
     elements = sum(stats["blocks"][b]["elements"] for b in allocation)
     return {"w_bits": w / params, "a_bits": a / elements,
             "a_bits_block": float(np.mean([FLOAT_BITS if ab is None else ab for _, ab in allocation.values()])),
-            "size_kib": w / 8 / 1024}
+            "size_kib": quant.size_in(w, "KiB")}
 
 
 def layer_bits(blocks: Mapping[str, list[str]], allocation: Mapping[str, tuple[int, int | None]]) -> dict:

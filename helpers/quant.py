@@ -66,12 +66,18 @@ from tqdm.auto import tqdm
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
 WEIGHT_CALIBRATORS = ("max", "mse")
 BIT_RANGE = (2, 8)
+FLOAT_BITS = 32
+LowBits = str | int  # an int in BIT_RANGE, or "ternary" (TWN, DF-MPC's "2-bit")
 
 
 # --------------------------------------------------------------------------- checks
-def check_bits(bits: int, what: str = "bits") -> int:
+def check_bits(bits: LowBits, what: str = "bits", ternary: bool = False) -> LowBits:
+    """An integer bit width in 2..8 (returned as int), or "ternary" when `ternary`; ValueError otherwise."""
+    if ternary and bits == "ternary":
+        return bits
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not BIT_RANGE[0] <= bits <= BIT_RANGE[1]:
-        raise ValueError(f"{what} must be an integer in {BIT_RANGE[0]}..{BIT_RANGE[1]}, got {bits!r}")
+        allowed = ('"ternary" or ' if ternary else "") + f"an integer in {BIT_RANGE[0]}..{BIT_RANGE[1]}"
+        raise ValueError(f"{what} must be {allowed}, got {bits!r}")
     return int(bits)
 
 
@@ -215,6 +221,42 @@ def quantize_weight(w: torch.Tensor, bits: int, symmetric: bool = True, method: 
     """(fake-quantized weight, per-channel scale, per-channel int32 zero point)."""
     scale, zero_point = qparams(*weight_range(w, bits, symmetric, method), bits, symmetric)
     return fake_quant_per_channel(w.detach().float(), scale, zero_point, bits, symmetric), scale, zero_point
+
+
+# --------------------------------------------------------------------------- layer-wise weights (DF-MPC)
+def twn_quantize(w: torch.Tensor) -> torch.Tensor:
+    """TWN (DF-MPC spec 2.1, Eqs. 3-4), layer-wise: Delta = 0.7 mean|W|, alpha = mean |W| over |W| > Delta.
+
+    Returns the de-quantized tensor alpha * T (same shape and dtype); all zeros if nothing survives.
+    """
+    a = w.abs()
+    mask = a > 0.7 * a.mean()
+    if not bool(mask.any()):
+        return torch.zeros_like(w)
+    return a[mask].mean() * torch.sign(w) * mask
+
+
+def twn_scale(w: torch.Tensor) -> torch.Tensor:
+    """The layer-wise TWN scale alpha (0 if nothing survives the threshold)."""
+    a = w.abs()
+    mask = a > 0.7 * a.mean()
+    return a[mask].mean() if bool(mask.any()) else a.new_zeros(())
+
+
+def uniform_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """DF-MPC's Eq. 6 (DoReFa-style, linear: no tanh), layer-wise max|W|, de-quantized: 2**bits levels in
+    [-max, max], no exact zero (unlike `quantize_weight`'s per-channel integer grid)."""
+    bits = check_bits(bits)
+    s = w.abs().max()
+    if float(s) == 0.0:
+        return torch.zeros_like(w)
+    n = 2 ** bits - 1
+    return s * (2.0 / n * torch.round(n * (w / (2 * s) + 0.5)) - 1.0)
+
+
+def layerwise_quantize(w: torch.Tensor, bits: LowBits) -> torch.Tensor:
+    """"ternary" -> `twn_quantize`, int k -> `uniform_quantize(w, k)`."""
+    return twn_quantize(w) if check_bits(bits, ternary=True) == "ternary" else uniform_quantize(w, bits)
 
 
 # --------------------------------------------------------------------------- histogram
@@ -672,6 +714,42 @@ def set_ranges(model: nn.Module, calibrator: str | None = None, percentile: floa
 
 
 # --------------------------------------------------------------------------- size
+SIZE_UNITS = {"MiB": 2 ** 20, "KiB": 2 ** 10}  # MiB is the papers' "MB"
+
+
+def storage_bits(bits: LowBits | None) -> int:
+    """Bits per stored value: ternary counts as 2, "fp32" (or None: left in float) as 32."""
+    if bits == "ternary":
+        return 2
+    return FLOAT_BITS if bits in ("fp32", None) else int(bits)
+
+
+def size_in(bits: float, unit: str = "MiB") -> float:
+    """A number of stored bits in `unit` ("MiB" = 2**20 bytes, "KiB" = 1024 bytes)."""
+    if unit not in SIZE_UNITS:
+        raise ValueError(f"unit must be one of {tuple(SIZE_UNITS)}, got {unit!r}")
+    return bits / 8 / SIZE_UNITS[unit]
+
+
+def model_size(model: nn.Module, layer_bits: Mapping[str, LowBits | None] | None = None, bits: LowBits = FLOAT_BITS,
+               weights_only: bool = False, unit: str = "MiB") -> float:
+    """Parameter storage at the given widths (the papers' Table 1 "Model Size (MB)"): the weight of every
+    layer named in `layer_bits` at its width (`storage_bits`: ternary = 2, "fp32" = 32), every other
+    parameter (biases, norm layers, unlisted layers) at `bits`; `weights_only`: the listed weights alone.
+    `model_size(model)` is the float model's size. Counted, not serialised (see `size_report`).
+    """
+    layer_bits = dict(layer_bits or {})
+    modules = dict(model.named_modules())
+    unknown = [name for name in layer_bits if not isinstance(getattr(modules.get(name), "weight", None), torch.Tensor)]
+    if unknown:
+        raise ValueError(f"no layers with a weight named {unknown[:5]} in the model")
+    listed = sum(modules[name].weight.numel() * storage_bits(b) for name, b in layer_bits.items())
+    if weights_only:
+        return size_in(listed, unit)
+    rest = sum(p.numel() for p in model.parameters()) - sum(modules[name].weight.numel() for name in layer_bits)
+    return size_in(listed + rest * storage_bits(bits), unit)
+
+
 def _pack_bits(q: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     """Integers in [qmin, qmin + 2^bits) packed densely, `bits` per value, into uint8 bytes."""
     offset = (q.to(torch.int16) - qmin).to(torch.uint8).flatten().cpu().numpy()

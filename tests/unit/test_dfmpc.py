@@ -1,4 +1,4 @@
-"""helpers.dfmpc: DF-MPC closed form, quantizers, pairing and folding (spec section 7)."""
+"""helpers.dfmpc: DF-MPC closed form, pairing and folding (spec section 7); its quantizers are tested in test_quant."""
 import copy
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import dfmpc, models
+from helpers import dfmpc, models, quant
 
 torch.set_num_threads(1)
 
@@ -36,34 +36,6 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-# --------------------------------------------------------------------------- quantizers
-def test_twn_and_uniform_quantizers():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 4, 3, 3, generator=g)
-    q = dfmpc.twn_quantize(w)
-    delta = 0.7 * w.abs().mean()
-    alpha = w.abs()[w.abs() > delta].mean()
-    assert set(q.unique().tolist()) == {-float(alpha), 0.0, float(alpha)}
-    assert torch.equal(q == 0, w.abs() <= delta)
-    u = dfmpc.uniform_quantize(w, 6)
-    assert u.unique().numel() <= 64 and (u - w).abs().max() <= w.abs().max() / 63 + 1e-6
-    grid = (u / w.abs().max() + 1) * 63 / 2  # levels on 0..63, no exact zero (spec 2.2)
-    assert torch.allclose(grid, grid.round(), atol=1e-4) and not bool((u == 0).any())
-
-
-@pytest.mark.parametrize("bad", [1, 9, 0, 2.5, "4", True, None])
-def test_bad_bit_width_raises(bad):
-    with pytest.raises(ValueError):
-        dfmpc.check_bits(bad)
-    with pytest.raises(ValueError):
-        dfmpc.uniform_quantize(torch.ones(3), bad)
-    with pytest.raises(ValueError):
-        dfmpc.check_bits("binary", allow_ternary=True)
-    assert dfmpc.check_bits("ternary", allow_ternary=True) == "ternary"
-    with pytest.raises(ValueError):
-        dfmpc.check_bits("ternary")  # high bit width must be an int
-
-
 def test_compensate_validates_before_touching_the_model():
     model = torchvision.models.resnet18(weights=None)
     before = copy.deepcopy(model.state_dict())
@@ -88,7 +60,7 @@ def test_identity_gives_one():
 def test_closed_form_is_the_least_squares_minimiser():
     g = torch.Generator().manual_seed(2)
     w, bn = scaled_weight(12, 6, 3, g), random_bn(12, g)
-    w_hat = dfmpc.twn_quantize(w)
+    w_hat = quant.twn_quantize(w)
     lam1, lam2 = 0.5, 0.01
     c = dfmpc.compensation_coefficients(w, w_hat, bn, lam1, lam2)
     # independent solution: per channel, lstsq of the stacked residual [x_hat; sqrt(l1) y; sqrt(l2)] c = [x; sqrt(l1) y; 0]
@@ -117,9 +89,9 @@ def test_closed_form_is_the_least_squares_minimiser():
 def test_twn_limit_is_per_channel_alpha_over_alpha():
     g = torch.Generator().manual_seed(3)
     w, bn = scaled_weight(16, 8, 3, g), random_bn(16, g)
-    c = dfmpc.compensation_coefficients(w, dfmpc.twn_quantize(w), bn, 0.0, 0.0)
+    c = dfmpc.compensation_coefficients(w, quant.twn_quantize(w), bn, 0.0, 0.0)
     delta = 0.7 * w.abs().mean()
-    alpha = float(dfmpc.twn_scale(w))
+    alpha = float(quant.twn_scale(w))
     checked = 0
     for j in range(16):
         keep = w[j].abs() > delta
@@ -132,8 +104,8 @@ def test_twn_limit_is_per_channel_alpha_over_alpha():
 def test_scale_absorbed_into_bn_gives_same_c():
     g = torch.Generator().manual_seed(4)
     w, bn = scaled_weight(16, 8, 3, g), random_bn(16, g)
-    w_hat = dfmpc.twn_quantize(w)
-    alpha = float(dfmpc.twn_scale(w))
+    w_hat = quant.twn_quantize(w)
+    alpha = float(quant.twn_scale(w))
     bn_hat = copy.deepcopy(bn).double()  # (T, mu/alpha, sigma/alpha)
     with torch.no_grad():
         bn_hat.running_mean.copy_(bn.running_mean.double() / alpha)
@@ -147,7 +119,7 @@ def test_degenerate_filter_gives_one_without_nan():
     g = torch.Generator().manual_seed(5)
     w, bn = torch.randn(4, 3, 3, 3, generator=g), random_bn(4, g)
     w[2] *= 1e-4  # far below the layer-wise threshold: ternarizes to all zeros
-    w_hat = dfmpc.twn_quantize(w)
+    w_hat = quant.twn_quantize(w)
     assert bool((w_hat[2] == 0).all())
     c = dfmpc.compensation_coefficients(w, w_hat, bn, 0.0, 0.0)
     assert torch.isfinite(c).all() and float(c[2]) == 1.0 and bool((c[[0, 1, 3]] != 1).all())
@@ -326,7 +298,7 @@ def test_scale_diagnostics_measure_what_a_per_channel_scale_removes():
     body.block = block.eval()
     d = dfmpc.scale_diagnostics(body, "ternary")
     w, bn = block.conv1.weight.detach(), block.bn1
-    w_hat = dfmpc.twn_quantize(w)
+    w_hat = quant.twn_quantize(w)
     c0 = dfmpc.compensation_coefficients(w, w_hat, bn, 0.0, 0.0)
     naive, best = dfmpc.filter_space_loss(w, w_hat, bn, 1.0, 0, 0), dfmpc.filter_space_loss(w, w_hat, bn, c0, 0, 0)
     energy = dfmpc.filter_space_loss(w, torch.zeros_like(w), bn, 1.0, 0, 0)
@@ -349,13 +321,13 @@ def test_data_fit_coefficients_are_the_activation_least_squares(monkeypatch):
     conv, bn = mods[p.low], mods[p.bn]
     with torch.no_grad():
         a = torch.relu(bn(conv(inp))).double()
-        a_hat = torch.relu(bn(nn.functional.conv2d(inp, dfmpc.twn_quantize(conv.weight), None, conv.stride, conv.padding))).double()
+        a_hat = torch.relu(bn(nn.functional.conv2d(inp, quant.twn_quantize(conv.weight), None, conv.stride, conv.padding))).double()
     for j in (0, 7, 31):
         sol = torch.linalg.lstsq(a_hat[:, j].reshape(-1, 1), a[:, j].reshape(-1, 1)).solution.item()
         assert float(c[p.low][j]) == pytest.approx(sol, rel=1e-6)
     assert set(c) == {q.low for q in dfmpc.find_pairs(model)} and all(bool((v >= 0).all()) for v in c.values())
     # a lossless "quantizer" gives c = 1 exactly (inactive channels get 1 by definition)
-    monkeypatch.setattr(dfmpc, "quantize", lambda w, bits: w.clone())
+    monkeypatch.setattr(dfmpc, "layerwise_quantize", lambda w, bits: w.clone())
     same = dfmpc.data_fit_coefficients(model, "ternary", lambda: model(x))
     assert all(torch.allclose(v, torch.ones_like(v), atol=1e-6) for v in same.values())
     monkeypatch.undo()
@@ -369,7 +341,7 @@ def test_given_coefficients_replace_the_closed_form():
     model = prepared_resnet18(1)
     closed, given = copy.deepcopy(model), copy.deepcopy(model)
     mods = dict(model.named_modules())
-    cs = {p.low: dfmpc.compensation_coefficients(mods[p.low].weight, dfmpc.twn_quantize(mods[p.low].weight), mods[p.bn])
+    cs = {p.low: dfmpc.compensation_coefficients(mods[p.low].weight, quant.twn_quantize(mods[p.low].weight), mods[p.bn])
           for p in dfmpc.find_pairs(model)}
     r1, r2 = dfmpc.compensate(closed), dfmpc.compensate(given, coefficients=cs)
     assert r1["c"] == r2["c"] and all(torch.equal(a, b) for a, b in zip(closed.state_dict().values(), given.state_dict().values()))

@@ -319,6 +319,22 @@ def test_model_size_is_about_a_quarter(tiny, w8a8):
     assert state["backbone.body.layer1.0.conv1.weight"].dtype == torch.int8
 
 
+def test_one_model_size_counts_every_parameter_at_its_width():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1, bias=False))
+    n = {"0": 8 * 3 * 9, "2": 4 * 8}  # conv weights; the rest: conv 0 bias (8), BN weight and bias (16)
+    assert quant.model_size(net) == (n["0"] + n["2"] + 24) * 32 / 8 / 2 ** 20
+    assert quant.model_size(net, bits=8) == quant.model_size(net) / 4  # models.model_size_mb's reading
+    mixed = quant.model_size(net, {"0": "ternary", "2": 6}, unit="KiB")
+    assert mixed == (n["0"] * 2 + n["2"] * 6 + 24 * 32) / 8 / 1024
+    assert quant.model_size(net, {"0": "fp32", "2": None}) == quant.model_size(net)
+    assert quant.model_size(net, {"2": 4}, weights_only=True) == n["2"] * 4 / 8 / 2 ** 20
+    assert quant.size_in(8 * 1024, "KiB") == 1.0 and quant.storage_bits("ternary") == 2
+    with pytest.raises(ValueError, match="no layers with a weight named"):
+        quant.model_size(net, {"1.nope": 4})
+    with pytest.raises(ValueError, match="unit must be one of"):
+        quant.size_in(8, "MB")
+
+
 def test_bit_packing_round_trips():
     ints = torch.randint(-7, 8, (1000,), generator=torch.Generator().manual_seed(0)).to(torch.int8)
     packed = quant._pack_bits(ints, 4, -7)
@@ -326,6 +342,42 @@ def test_bit_packing_round_trips():
     bits = np.unpackbits(packed.numpy(), bitorder="little").reshape(-1, 4)
     values = (bits * (1 << np.arange(4))).sum(1) - 7
     assert np.array_equal(values, ints.numpy())
+
+
+# --------------------------------------------------------------------------- DF-MPC's layer-wise weight quantizers
+def test_twn_and_uniform_quantizers():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    q = quant.twn_quantize(w)
+    delta = 0.7 * w.abs().mean()
+    alpha = w.abs()[w.abs() > delta].mean()
+    assert set(q.unique().tolist()) == {-float(alpha), 0.0, float(alpha)}
+    assert torch.equal(q == 0, w.abs() <= delta)
+    u = quant.uniform_quantize(w, 6)
+    assert u.unique().numel() <= 64 and (u - w).abs().max() <= w.abs().max() / 63 + 1e-6
+    grid = (u / w.abs().max() + 1) * 63 / 2  # levels on 0..63, no exact zero (spec 2.2)
+    assert torch.allclose(grid, grid.round(), atol=1e-4) and not bool((u == 0).any())
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 2.5, "4", True, None])
+def test_bad_bit_width_raises(bad):
+    with pytest.raises(ValueError):
+        quant.check_bits(bad)
+    with pytest.raises(ValueError):
+        quant.uniform_quantize(torch.ones(3), bad)
+    with pytest.raises(ValueError):
+        quant.check_bits("binary", ternary=True)
+    assert quant.check_bits("ternary", ternary=True) == "ternary"
+    with pytest.raises(ValueError):
+        quant.check_bits("ternary")  # high bit width must be an int
+
+
+def test_layerwise_quantize_picks_ternary_or_uniform():
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(quant.layerwise_quantize(w, "ternary"), quant.twn_quantize(w))
+    assert torch.equal(quant.layerwise_quantize(w, 3), quant.uniform_quantize(w, 3))
+    with pytest.raises(ValueError, match='"ternary" or an integer in 2..8'):
+        quant.layerwise_quantize(w, "binary")
 
 
 # --------------------------------------------------------------------------- errors before work
