@@ -190,14 +190,14 @@ def train_notebook_run(params: dict, run_dir: str | Path, augment: bool = True, 
     `augment=False` builds the training split without the random horizontal flip. With the flip, rank 0
     draws what one process would and the other ranks their own (seeded) flips, so N processes match one
     process only up to the augmentation draws; without it they match to float rounding (the CI check)."""
-    from helpers import config, data, evaluate, models
+    from helpers import config, data, evaluate, models, upstream
     p = params
     config.seed_everything(p["SEED"])
     train_set = data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "train", p["CLASSES"] or None, p["LABELS"],
                                       train=augment, limit=p["TRAIN_LIMIT"] or None)
     val_set = data.CocoDetectionSet(p["DATA_ROOT"], p["DATASET"], "val", p["CLASSES"] or None, p["LABELS"],
                                     limit=p["VAL_LIMIT"] or None)
-    init = resolve_init(p["INIT"], PROFILE=p["PROFILE"], SEED=p["SEED"], ARCH=p["ARCH"], DATA_ROOT=p["DATA_ROOT"])
+    init = upstream.pretrained_weights(p["INIT"], PROFILE=p["PROFILE"], SEED=p["SEED"], ARCH=p["ARCH"], DATA_ROOT=p["DATA_ROOT"])
     model = models.build_detector(p["ARCH"], train_set.num_classes, p["MIN_SIZE"], p["MAX_SIZE"], weights=init)
     model = model.to(config.device(p["PROFILE"]))
     schedule = Schedule(p["EPOCHS"], p["OPTIMIZER"], p["LR"], p["WEIGHT_DECAY"], p["MOMENTUM"], p["LR_SCHEDULE"],
@@ -210,16 +210,6 @@ def train_notebook_run(params: dict, run_dir: str | Path, augment: bool = True, 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     """The final model alone (what downstream notebooks load)."""
     return atomic_torch_save(path, {"model": model.state_dict()})
-
-
-def resolve_init(init: str, **match) -> str:
-    """Weights to start from: "none", "COCO_V1", or "pretrain" = the finished pretrain run matching `match`."""
-    if init in ("none", "COCO_V1"):
-        return init
-    if init == "pretrain":
-        from helpers.runs import find_run
-        return str(find_run("02_train_detector", STAGE="pretrain", **match).path("model.pth"))
-    raise ValueError(f"INIT must be 'none', 'COCO_V1' or 'pretrain', got {init!r}")
 
 
 def log_table(log: list[dict], digits: int = 3):

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers import config, data, distill, evaluate, models, quant, runs
-from helpers.upstream import detector_run, load_detector, load_distilled, training_set, validation_set  # noqa: F401 (the stage's inputs)
+from helpers import config, data, distill, evaluate, models, quant, runs, upstream
+# used by task_zsq (issue 16: draft notebook 07); remove when it imports from helpers.upstream
+from helpers.upstream import detector_run, load_detector, load_distilled, training_set, validation_set  # noqa: F401
 
 NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")
 SOURCES = ("distilled", "real", *NOISE_SOURCES)
@@ -70,10 +71,10 @@ def noise_batches(kind: str, n_batches: int, batch_size: int, model, seed: int,
     """Calibration batches of one noise source (see the module docstring) and whether they are already in
     the normalised input space (only "gaussian" is). "gaussian-matched" needs the detector's training set."""
     if kind == "gaussian":
-        return gaussian_batches(n_batches, batch_size, image_size(model), seed), True
+        return gaussian_batches(n_batches, batch_size, distill.input_size(model), seed), True
     if kind not in NOISE_SOURCES:
         raise ValueError(f"noise source must be one of {NOISE_SOURCES}, got {kind!r}")
-    size = PAPER_INPUT_SIZE if kind == "gaussian-512x640" else image_size(model)
+    size = PAPER_INPUT_SIZE if kind == "gaussian-512x640" else distill.input_size(model)
     g = torch.Generator().manual_seed(seed)
     if kind == "gaussian-matched":
         if train_set is None:
@@ -91,14 +92,14 @@ def calibration_batches(source: str, detector: runs.Run, model, n_batches: int, 
                         distilled: runs.Run | None = None, sweep_iterations: list[int] = (), sweep_batches: int = 0):
     """Notebook 04's calibration data: ({iteration or None: batches}, {swept iteration: batches}, normalized)."""
     if source == "distilled":
-        snapshots = load_distilled(distilled)
+        snapshots = upstream.load_distilled(distilled)
         final = max(snapshots)
         batches = {final: split_batches(snapshots[final], batch_size, n_batches)}
         return batches, {it: split_batches(snapshots[it], batch_size, sweep_batches) for it in sweep_iterations}, True
     if source == "real":
-        return {None: real_batches(training_set(detector), n_batches, batch_size)}, {}, False
+        return {None: real_batches(upstream.training_set(detector), n_batches, batch_size)}, {}, False
     if source in NOISE_SOURCES:
-        train_set = training_set(detector) if source == "gaussian-matched" else None
+        train_set = upstream.training_set(detector) if source == "gaussian-matched" else None
         batches, normalized = noise_batches(source, n_batches, batch_size, model, seed, train_set)
         return {None: batches}, {}, normalized
     raise ValueError(f"SOURCE must be one of {SOURCES}, got {source!r}")
@@ -123,8 +124,8 @@ def first_batches(detector: runs.Run, model: torch.nn.Module, seed: int = 0, bat
     for source in sources:
         distilled = None
         if source == "distilled":
-            distilled = runs.find_run("03_distill_calibration_data", STAGE=detector.params["STAGE"], SEED=seed,
-                                      DATA_ROOT=detector.params["DATA_ROOT"], **distilled_match)
+            distilled = upstream.distilled_run(detector.params["STAGE"], seed, detector.params["DATA_ROOT"],
+                                               **distilled_match)
         batches, _, normalized = calibration_batches(source, detector, model, 1, batch_size, seed, distilled)
         out[source] = (next(iter(batches.values()))[0], normalized)
     return out
@@ -211,9 +212,6 @@ def spread(rows: list[dict], by: tuple[str, ...] = ("setting",), value: str = "A
     return table.reset_index()
 
 
-def image_size(model) -> tuple[int, int]:
-    return distill.input_size(model)
+# used by task_zsq (issue 16: draft notebook 07); remove when it imports from helpers.distill (input_size)
+image_size = distill.input_size
 
-
-# distillation I/O lives in helpers.distill (the stage-03 module); kept here under the old names for callers
-from helpers.distill import distill_or_load, pixel_statistics, write_preview  # noqa: E402,F401

@@ -25,10 +25,10 @@ GOALS = {"size_ratio_min": 3.9, "int8_over_fp32_speed_avx2_min": 1.0, "int8_over
 
 def _detector(seed: int):
     try:
-        from helpers import zsq
-        run = zsq.detector_run("finetune", PROFILE="tiny", SEED=seed, DATA_ROOT="data/tiny")
-        val = zsq.validation_set(run, 8)
-        return zsq.load_detector(run, val.num_classes).cpu(), "fine-tuned " + run.id
+        from helpers import upstream
+        run = upstream.detector_run("finetune", PROFILE="tiny", SEED=seed, DATA_ROOT="data/tiny")
+        val = upstream.validation_set(run, 8)
+        return upstream.load_detector(run, val.num_classes).cpu(), "fine-tuned " + run.id
     except FileNotFoundError:
         import sys
         sys.path.insert(0, str(export.Path(__file__).resolve().parents[1] / "tests" / "unit"))

@@ -146,5 +146,5 @@ def test_nan_in_the_bn_statistics_stops_distillation(tmp_path):
         distill.distill(model, num_images=2, batch_size=2, iterations=3, progress=False)
     run = runs.open_run("03_distill_calibration_data", {"X": 1})
     with pytest.raises(distill.DistillationDiverged):
-        zsq.distill_or_load(run, model, [0, 3], num_images=2, batch_size=2, iterations=3)
+        distill.distill_or_load(run, model, [0, 3], num_images=2, batch_size=2, iterations=3)
     assert not run.path("distilled.pt").exists() and not run.path("loss_curves.json").exists()

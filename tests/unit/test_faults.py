@@ -51,7 +51,7 @@ distill.distill = dying
 torch.manual_seed(0)
 model = models.build_detector(models.TINY_ARCH, 4, 64, 80).eval()
 run = runs.open_run("03_distill_calibration_data", {"OUT": OUT})
-zsq.distill_or_load(run, model, [0, 2], num_images=6, batch_size=2, seed=0, iterations=2)
+distill.distill_or_load(run, model, [0, 2], num_images=6, batch_size=2, seed=0, iterations=2)
 """
 
 SWEEP = SETUP + """

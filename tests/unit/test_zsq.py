@@ -84,9 +84,9 @@ def test_spread_table():
 def test_pixel_statistics(detector):
     low, high = (b[None, :, None, None] for b in distill.pixel_range(detector))
     inside = (low + high).expand(2, 3, 8, 8) / 2
-    assert zsq.pixel_statistics(inside, detector)["out_of_range"] == 0
+    assert distill.pixel_statistics(inside, detector)["out_of_range"] == 0
     outside = high.expand(2, 3, 8, 8) + 1
-    stats = zsq.pixel_statistics(outside, detector)
+    stats = distill.pixel_statistics(outside, detector)
     assert stats["out_of_range"] == 1 and stats["absmax"] == pytest.approx(float(high.max()) + 1)
 
 
@@ -131,7 +131,7 @@ def test_pixel_moments_are_per_channel_over_every_pixel():
 
 
 def test_noise_sources_are_seeded_and_fed_as_the_docstring_says(detector):
-    h, w = zsq.image_size(detector)
+    h, w = distill.input_size(detector)
     assert zsq.noise_batches("gaussian", 2, 3, detector, 0)[1] is True  # normalised space, unchanged
     for kind in ("gaussian-pixel", "uniform-pixel", "gaussian-512x640"):
         batches, normalized = zsq.noise_batches(kind, 2, 3, detector, 7)
@@ -152,7 +152,7 @@ def test_noise_sources_are_seeded_and_fed_as_the_docstring_says(detector):
 
 
 def test_an_asymmetric_grid_marks_its_rows(detector, val_set, tmp_path):
-    batches = {None: zsq.gaussian_batches(1, 2, zsq.image_size(detector), 0)}
+    batches = {None: zsq.gaussian_batches(1, 2, distill.input_size(detector), 0)}
     asymmetric = quant.QuantSetting.parse("W8A4", symmetric=False)
     rows = zsq.run_grid(detector, batches, True, val_set, [asymmetric], tmp_path / "rows.jsonl")
     assert rows[0]["scheme"] == "asymmetric"
