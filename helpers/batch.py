@@ -160,6 +160,47 @@ def _reproduced(run: dict) -> dict | None:
     return json.loads(env.read_text()).get("reproduced") if env.exists() else None
 
 
+def runs_of(batch_file: str | Path, notebook: str, positions: list[int] = ()) -> list[tuple[int, dict]]:
+    """(position, run) of `notebook`'s runs in the batch, or only those at `positions` (1-based, as `--list` prints)."""
+    resolved = load_batch(batch_file)
+    chosen = [(i, r) for i, r in enumerate(resolved, 1) if r["notebook"] == notebook and (not positions or i in positions)]
+    wrong = [k for k in positions if k not in {i for i, _ in chosen}]
+    if wrong or not chosen:
+        raise BatchError(f"runs {wrong or list(positions)} of {batch_file} are not {notebook} runs; those are "
+                         f"{[i for i, r in enumerate(resolved, 1) if r['notebook'] == notebook]}")
+    return chosen
+
+
+def run_distributed(batch_file: str | Path, notebook: str, work, positions: list[int] = (), backend: str | None = None,
+                    execute_notebook: bool = True) -> int:
+    """The driver of `torchrun ... -m helpers.train|helpers.distill BATCH`: for each unfinished run of `notebook`
+    in the batch, `work(run, device)` on every process of the group (rank 0 writing), then rank 0 executes the
+    notebook for the run in one process, which finds the work done and finishes the run as the batch does."""
+    from helpers import distributed
+    try:
+        chosen = runs_of(batch_file, notebook, positions)
+    except BatchError as err:
+        print(f"{notebook} failed: {err}", file=sys.stderr)
+        return 1
+    device = distributed.init(backend)
+    say = print if distributed.is_writer() else (lambda *a, **k: None)
+    try:
+        for i, run in chosen:
+            if is_finished(results_dir() / notebook / run["run_id"]):
+                say(f"[{i}] {notebook} {run['run_id']}: finished, skipped", flush=True)
+                continue
+            say(f"[{i}] {notebook} {run['run_id']}: on {distributed.world_size()} process(es)", flush=True)
+            work(run, device)
+            if execute_notebook:
+                if distributed.is_writer():
+                    with distributed.single_process_environment():
+                        say(f"[{i}] {notebook} {run['run_id']}: notebook {execute(run)}", flush=True)
+                distributed.barrier()
+    finally:
+        distributed.cleanup()
+    return 0
+
+
 def write_manifest(runs: list[dict], batch_file: str | Path) -> Path:
     rows = []
     for run in runs:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from helpers import distributed
 from helpers.runs import atomic_torch_save, atomic_write_json
 
 LOSSES = ("mean", "mean+std")
@@ -420,11 +421,21 @@ def distill_or_load(run, model, snapshot_at: list[int], num_images: int, batch_s
     images_path, curves_path = run.path("distilled.pt"), run.path("loss_curves.json")
     if images_path.exists() and curves_path.exists():
         return torch.load(images_path, weights_only=True), json.loads(curves_path.read_text())
-    parts = []
-    for k, start in enumerate(tqdm(range(0, num_images, batch_size), desc="distill batches")):
-        size = min(batch_size, num_images - start)
-        parts.append(distill(model, num_images=size, batch_size=size, snapshot_at=tuple(snapshot_at),
-                                     snapshot_images=size, seed=seed * 1000 + k, progress=False, **config))
+    starts = list(range(0, num_images, batch_size))
+    bar = tqdm(total=len(distributed.shard(starts)), desc="distill batches", disable=not distributed.is_writer())
+
+    def one_batch(k: int) -> Distilled:
+        size = min(batch_size, num_images - starts[k])
+        done = distill(model, num_images=size, batch_size=size, snapshot_at=tuple(snapshot_at),
+                       snapshot_images=size, seed=seed * 1000 + k, progress=False, **config)
+        bar.update()
+        done.images, done.snapshots = done.images.cpu(), {k: v.cpu() for k, v in done.snapshots.items()}
+        return done  # on the CPU, as a rerun loads it (and as ranks exchange it)
+
+    # under torchrun each rank distils every world-size-th batch (each seeded by its index, so the
+    # result is the single process's); every rank gets all batches back, rank 0 alone writes them
+    parts = distributed.map_sharded(one_batch, range(len(starts)))
+    bar.close()
     sizes = [p.images.shape[0] for p in parts]
 
     def average(name: str) -> np.ndarray:  # over images: each batch's curve weighted by its size
@@ -435,9 +446,11 @@ def distill_or_load(run, model, snapshot_at: list[int], num_images: int, batch_s
               "mean_term": average("mean_loss").tolist(), "std_term": average("std_loss").tolist(),
               "lr": parts[0].lr[0].tolist(), "bn_layers": parts[0].bn_layers,
               "config": {**parts[0].config, "num_images": num_images, "batch_size": batch_size, "seed": seed}}
-    atomic_write_json(curves_path, curves, digits=6)
-    write_preview(run.path("preview.npz"), snapshots, model)
-    atomic_torch_save(images_path, snapshots)
+    if distributed.is_writer():
+        atomic_write_json(curves_path, curves, digits=6)
+        write_preview(run.path("preview.npz"), snapshots, model)
+        atomic_torch_save(images_path, snapshots)
+    distributed.barrier()
     return snapshots, curves
 
 
@@ -466,3 +479,46 @@ def pixel_statistics(images: torch.Tensor, model) -> dict:
     pixels = to_pixels(x, model)
     spread_ = (pixels - pixels.mean(1, keepdim=True)).abs().mean()
     return {"out_of_range": float(outside), "absmax": float(x.abs().max()), "channel_spread": float(spread_)}
+
+
+NOTEBOOK = "03_distill_calibration_data"
+
+
+def distill_batch_run(run: dict, device: torch.device) -> None:
+    """Distil one resolved batch run (`helpers.batch.load_batch`) into its run folder, as notebook 03 does."""
+    from helpers import runs, upstream
+    p = run["params"]
+    detector = upstream.detector_run(p["STAGE"], PROFILE=p["PROFILE"], SEED=p["SEED"], DATA_ROOT=p["DATA_ROOT"])
+    model = upstream.load_detector(detector, upstream.validation_set(detector).num_classes)
+    model = model.to(device) if distributed.active() else model  # alone: the profile's device, as in notebook 03
+    folder = runs.results_dir() / NOTEBOOK / run["run_id"]
+    target = runs.open_run(NOTEBOOK, p) if distributed.is_writer() else runs.Run(NOTEBOOK, p, folder)
+    distributed.barrier()
+    distill_or_load(target, model, p["SNAPSHOT_AT"], p["NUM_IMAGES"], p["BATCH_SIZE"], p["SEED"],
+                    iterations=p["ITERATIONS"], loss=p["LOSS"], lr=p["LR"], clamp=p["CLAMP"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`[torchrun --nproc-per-node N] python -m helpers.distill BATCH.yaml [--run K ...]`.
+
+    For each unfinished notebook-03 run of the batch (or the runs numbered K as `helpers.batch BATCH
+    --list` prints them): distil its batches over every process of the group (`distill_or_load`: each
+    rank every N-th batch, rank 0 writing the images), then rank 0 executes notebook 03 for it in one
+    process, which finds the images, distils nothing and finishes the run exactly as in the batch.
+    """
+    import argparse
+
+    from helpers import batch
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("batch", help="YAML batch file, e.g. params/paper.yaml")
+    parser.add_argument("--run", type=int, action="append", default=[],
+                        help="position of a 03 run in `helpers.batch BATCH --list` (1-based, repeatable); default all")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, gloo on the CPU")
+    parser.add_argument("--distill-only", action="store_true", help="distil, but do not execute the notebook")
+    args = parser.parse_args(argv)
+    return batch.run_distributed(args.batch, NOTEBOOK, distill_batch_run, args.run, args.backend,
+                                 execute_notebook=not args.distill_only)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -109,27 +109,56 @@ def test_single_process_helpers_are_the_identity():
     assert distributed.per_rank_batch(8) == 8
 
 
-SHARDED_DISTILL = """
-import json, sys, torch
-from helpers import distill, distributed, models
-distributed.init("gloo")
-torch.manual_seed(0)
-model = models.build_detector("retinanet_resnet18_half_fpn_tiny", 4, 64, 80).eval()
-parts = distributed.map_sharded(lambda k: distill.distill(model, num_images=2, batch_size=2, iterations=2,
-                                                         seed=k, progress=False).images, list(range(3)))
-if distributed.is_writer():
-    torch.save(torch.cat(parts), sys.argv[1])
-distributed.cleanup()
-"""
+DISTILL_RUN = {"PROFILE": "tiny", "SEED": 0, "STAGE": "finetune", "NUM_IMAGES": 6, "BATCH_SIZE": 2, "ITERATIONS": 3,
+               "SNAPSHOT_AT": [0, 3]}  # three batches over two ranks: rank 0 distils two, rank 1 one
 
 
-def test_distillation_batches_shard_over_ranks_with_the_single_process_result(tmp_path):
-    script = tmp_path / "shard.py"
-    script.write_text(SHARDED_DISTILL)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out1, out2 = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(script), str(out1)], cwd=ROOT, env=env, check=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(30_500 + os.getpid() % 1000), str(script), str(out2)], cwd=ROOT, env=env, check=True, timeout=300)
-    one, two = torch.load(out1, weights_only=True), torch.load(out2, weights_only=True)
-    assert one.shape == (6, 3, 64, 80) and torch.allclose(one, two, atol=1e-5)
+def _distill(batch_file: Path, results: Path, processes: int, notebook: bool = False) -> Path:
+    env = dict(os.environ, IRZSQ_RESULTS_DIR=str(results), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                 "--master-port", str(30_500 + os.getpid() % 1000)] if processes > 1 else [sys.executable])
+    done = subprocess.run([*launcher, "-m", "helpers.distill", str(batch_file), *([] if notebook else ["--distill-only"])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (folder,) = (results / "03_distill_calibration_data").iterdir()
+    return folder
+
+
+def _finished_detector(results: Path, run: dict) -> None:
+    """A finished notebook-02 run (untrained tiny weights) for the 03 run to distil from."""
+    from helpers import batch, train
+    os.environ["IRZSQ_RESULTS_DIR"] = str(results)
+    try:
+        p = run["params"]
+        made = runs.open_run("02_train_detector", p)
+        torch.manual_seed(0)
+        model = models.build_detector(p["ARCH"], 4, p["MIN_SIZE"], p["MAX_SIZE"])
+        made.finish({"stage": p["STAGE"]}, artifacts=[train.save_weights(model, made.path("model.pth"))])
+    finally:
+        os.environ.pop("IRZSQ_RESULTS_DIR")
+
+
+def test_distillation_batches_shard_over_ranks_with_the_single_process_result(tmp_path, tiny_root, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m helpers.distill BATCH`: each rank distils every other batch, rank 0
+    writes exactly the images one process distils, then executes notebook 03, which distils nothing."""
+    from helpers import batch
+    batch_file = tmp_path / "distill.yaml"
+    common = {"PROFILE": "tiny", "SEED": 0, "DATA_ROOT": str(tiny_root)}
+    batch_file.write_text("common: " + json.dumps(common) + "\nruns:\n  - notebook: 02_train_detector\n    parameters: "
+                          + json.dumps({"STAGE": "finetune", "EPOCHS": 1}) + "\n  - notebook: 03_distill_calibration_data\n"
+                          "    parameters: " + json.dumps({k: v for k, v in DISTILL_RUN.items() if k not in common}) + "\n")
+    detector = batch.load_batch(batch_file)[0]
+    for results in (tmp_path / "one", tmp_path / "two"):
+        _finished_detector(results, detector)
+    one = _distill(batch_file, tmp_path / "one", 1)
+    two = _distill(batch_file, tmp_path / "two", 2, notebook=True)
+    assert one.name == two.name
+    a, b = torch.load(one / "distilled.pt", weights_only=True), torch.load(two / "distilled.pt", weights_only=True)
+    assert sorted(a) == sorted(b) == DISTILL_RUN["SNAPSHOT_AT"] and a[3].shape[0] == DISTILL_RUN["NUM_IMAGES"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-3), k  # float16 files: equal to storage rounding
+    assert not torch.equal(a[0][:2], a[0][2:4])  # the batches are seeded apart: rank 1's batch is not rank 0's
+    curves_one, curves_two = (json.loads((f / "loss_curves.json").read_text()) for f in (one, two))
+    assert curves_two["loss"] == pytest.approx(curves_one["loss"], rel=1e-4)
+    assert runs.is_finished(two) and not runs.is_finished(one) and (two / "03_distill_calibration_data.ipynb").exists()
+    assert not list(two.glob(".*.tmp"))
