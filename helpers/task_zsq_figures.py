@@ -25,9 +25,21 @@ def comparison_table(rows: list[dict], fp32_ap: float) -> pd.DataFrame:
     table = stats.pivot(index=["convention", "method"], columns="setting", values="cell")
     table = table[[s for s in SETTING_ORDER if s in table.columns]]
     order = [(c, m) for c in ("toolkit", "whole") for m in METHOD_ORDER if (c, m) in table.index]
-    table = table.loc[order].reset_index()
+    table = table.loc[order].fillna("-").reset_index()
     fp32 = {"convention": "-", "method": "fp32", **{s: f"{100 * fp32_ap:.1f}" for s in table.columns[2:]}}
     return pd.concat([pd.DataFrame([fp32]), table], ignore_index=True)
+
+
+def stored_comparison_table(run_id: str | None = None, **match) -> pd.DataFrame:
+    """The comparison table (AP mean ± std per method and setting, FP32 row) of a finished 07 run, from its stored rows."""
+    rows, metrics = load_rows(run_id, **match)
+    return comparison_table(rows, metrics["fp32"]["AP"])
+
+
+def stored_map_vs_bits(run_id: str | None = None, **match):
+    """mAP against bit setting per method (seed spread) of a finished 07 run, from its stored rows."""
+    rows, metrics = load_rows(run_id, **match)
+    return map_vs_bits(rows, metrics["fp32"]["AP"])
 
 
 def map_vs_bits_data(rows: list[dict]) -> pd.DataFrame:
@@ -81,20 +93,23 @@ def images_with_boxes(pixels: np.ndarray, targets: list[dict], detections: list[
     return fig
 
 
-def histograms(sampled: dict, real: dict, names: list[str]):
-    """Sampled vs real-label category shares and box-area-share histograms (real labels only judge the sampler)."""
+def histograms(sampled: dict, real: dict, names: list[str], initial: dict | None = None):
+    """Sampled (and zero-prior initial) vs real-label category shares and box-area-share histograms (real labels
+    only judge the sampler). Histograms as `task_zsq.target_histograms` makes them (JSON: string category keys)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
-    cats = list(sampled["category"])
-    for k, (what, h) in enumerate((("sampled", sampled), ("thermal labels", real))):
+    cats = sorted(real["category"], key=int)
+    series = [("sampled", sampled), ("thermal labels", real)] + ([("zero-prior initial", initial)] if initial else [])
+    width = 0.8 / len(series)
+    for k, (what, h) in enumerate(series):
         c = np.array([h["category"][i] for i in cats], dtype=float)
-        a.bar(np.arange(len(cats)) + 0.4 * k, c / max(c.sum(), 1), 0.4, label=what)
+        a.bar(np.arange(len(cats)) + width * k, c / max(c.sum(), 1), width, label=what)
         area = np.array(h["area"], dtype=float)
-        b.bar(np.arange(len(area)) + 0.4 * k, area / max(area.sum(), 1), 0.4, label=what)
-    a.set_xticks(np.arange(len(cats)) + 0.2, names)
+        b.bar(np.arange(len(area)) + width * k, area / max(area.sum(), 1), width, label=what)
+    a.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, names[:len(cats)])
     a.set_ylabel("share of boxes")
     edges = sampled["area_bins"]
-    b.set_xticks(np.arange(len(edges) - 1) + 0.2, [f"{edges[i]:.2g}-{edges[i + 1]:.2g}" for i in range(len(edges) - 1)],
-                 fontsize=7, rotation=30)
+    b.set_xticks(np.arange(len(edges) - 1) + 0.4 - width / 2,
+                 [f"{edges[i]:.2g}-{edges[i + 1]:.2g}" for i in range(len(edges) - 1)], fontsize=7, rotation=30)
     b.set_xlabel("box area / frame")
     a.legend(fontsize=7)
     fig.tight_layout()

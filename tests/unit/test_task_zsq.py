@@ -244,3 +244,149 @@ def test_qat_refuses_mismatched_targets(tiny, tmp_path):
     images = torch.randn(2, 3, *SIZE)
     with pytest.raises(tz.TaskZSQError, match="targets for"):
         tz.fit_qat(tiny, tiny, images, tz.sample_targets(3, SIZE, [1]), tmp_path / "c.pth", tmp_path / "l.jsonl")
+
+
+# --------------------------------------------------------------------------- the grid, the probe, the claims
+def _rows(cells: dict, seeds=(0, 1, 2)) -> list[dict]:
+    """Made-up rows: {(convention, setting, method): mean AP}, a +-0.001 spread over seeds."""
+    return [{"convention": c, "setting": s, "method": m, "seed": k, "AP": ap + 0.001 * (k - 1), "AP50": 0.5,
+             "seconds": 2.0 if m.startswith("qat") else 0.5}
+            for (c, s, m), ap in cells.items() for k in seeds]
+
+
+def test_qat_runs_only_where_some_ptq_method_loses_the_threshold():
+    rows = _rows({("toolkit", "W8A8", "ptq_real"): 0.330, ("toolkit", "W8A8", "ptq_agnostic"): 0.328,
+                  ("toolkit", "W4A4", "ptq_real"): 0.329, ("toolkit", "W4A4", "ptq_agnostic"): 0.315,
+                  ("whole", "W4A4", "ptq_real"): 0.30})
+    assert tz.qat_cells(rows, 0.330, 1.0) == [("toolkit", "W4A4"), ("whole", "W4A4")]
+    assert tz.qat_cells(rows, 0.330, 0.1) == [("toolkit", "W8A8"), ("toolkit", "W4A4"), ("whole", "W4A4")]
+    assert tz.qat_cells([], 0.33, 1.0) == []
+    grid = tz.qat_grid([("whole", "W4A4")], [0, 1])
+    assert len(grid) == 6 and {m for *_, m in grid} == set(tz.QAT_METHODS)
+    assert len(tz.ptq_grid(["toolkit", "whole"], ["W8A8", "W4A4"], [0, 1, 2])) == 2 * 2 * 3 * 3
+    cut = tz.cut_cost(rows + _rows({("whole", "W4A4", "qat_specific"): 0.31}), [("whole", "W4A4")],
+                      ["toolkit", "whole"], ["W8A8", "W4A4"], [0, 1, 2])
+    assert cut["skipped_cells"] == [("toolkit", "W8A8"), ("toolkit", "W4A4"), ("whole", "W8A8")]
+    assert cut["qat_row_s"] == 2.0 and cut["skipped_qat_s"] == pytest.approx(2.0 * 3 * 3 * 3)
+
+
+def test_calibration_sources_need_enough_images():
+    images = torch.zeros(16, 3, 4, 4)
+    agnostic = tz.agnostic_calibration(images, [0, 1], 8)
+    assert agnostic[1][0].shape[0] == 8 and agnostic[1][1] is None and agnostic[1][2] is True
+    with pytest.raises(tz.TaskZSQError, match="raise its NUM_IMAGES"):
+        tz.agnostic_calibration(images, [0, 2], 8)
+    with pytest.raises(tz.TaskZSQError, match="training images"):
+        tz.real_calibration([(torch.zeros(3, 4, 4), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})] * 5, [0, 1], 4)
+
+
+def test_lazy_makes_each_value_once():
+    made = []
+    lazy = tz.Lazy(lambda k: made.append(k) or k * 10)
+    assert lazy[2] == 20 and lazy[2] == 20 and lazy[3] == 30 and made == [2, 3]
+
+
+def test_run_comparison_appends_one_row_per_cell_and_resumes(tiny, tmp_path, monkeypatch):
+    from helpers import evaluate
+    calls = []
+    monkeypatch.setattr(evaluate, "evaluate_detector", lambda net, val, progress=None: calls.append(1) or {"AP": 0.2, "AP50": 0.4})
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, *SIZE, generator=g)
+    sources = {"agnostic": {0: (x, None, True)},
+               "specific": {0: (x, tz.sample_targets(2, SIZE, [1, 2, 3]), True)}}
+    qat = dict(epochs=1, batch_size=2, lr=1e-5)
+    grid = [("whole", "W8A8", 0, "ptq_agnostic"), ("whole", "W8A8", 0, "qat_specific")]
+    rows = tz.run_comparison(tiny, sources, [], grid, tmp_path / "rows.jsonl", tmp_path, qat, gap_images=x[:1])
+    assert [r["method"] for r in rows] == ["ptq_agnostic", "qat_specific"] and len(calls) == 2
+    q = rows[1]
+    assert q["qat_last_loss"] > 0 and q["gap_train_before"] >= 0 and "gap_heldout_after" in q
+    assert not list(tmp_path.glob("*.pth"))  # the QAT checkpoint of a finished cell is removed
+    more = grid + [("toolkit", "W8A8", 0, "ptq_specific")]
+    rows = tz.run_comparison(tiny, sources, [], more, tmp_path / "rows.jsonl", tmp_path, qat)
+    assert len(rows) == 3 and len(calls) == 3 and len(runs.read_jsonl(tmp_path / "rows.jsonl")) == 3
+
+
+def test_histogram_distance_is_zero_for_the_same_shares_and_one_for_disjoint():
+    a = {"category": {"1": 2, "2": 2}, "area": [1, 1, 0]}
+    b = {"category": {"1": 10, "2": 10}, "area": [5, 5, 0]}
+    c = {"category": {"1": 0, "2": 3}, "area": [0, 0, 4]}
+    assert tz.histogram_distance(a, b) == {"category": 0.0, "area": 0.0}
+    assert tz.histogram_distance(a, c)["area"] == pytest.approx(1.0)
+    assert tz.histogram_distance(a, c)["category"] == pytest.approx(0.5)
+
+
+def test_target_histograms_count_categories_and_areas():
+    targets = [{"boxes": torch.tensor([[0., 0., 16., 16.], [0., 0., 160., 64.]]), "labels": torch.tensor([1, 3])}]
+    h = tz.target_histograms(targets, SIZE, [1, 2, 3], [0.0, 0.1, 1.0])
+    assert h["category"] == {1: 1, 2: 0, 3: 1} and h["area"] == [1, 1] and h["boxes_per_image"] == 2.0
+
+
+def test_probe_rule_settles_only_within_effect_or_spread():
+    import pandas as pd
+    rows = [{"kind": "images", "seed": k, "x": n, "ptq_AP": ap + 0.002 * k}
+            for n, ap in ((4, 0.30), (8, 0.32), (16, 0.323)) for k in (0, 1)]
+    table = tz.probe_table(rows, "images")
+    assert table.loc[8, ("ptq_AP", "mean")] == pytest.approx(32.1)
+    assert tz.settled(table, 16)["settled"] and not tz.settled(table, 8)["settled"]
+    assert tz.settled(table, 8)["change_points"] == pytest.approx(2.0)
+    with pytest.raises(tz.TaskZSQError, match="size below"):
+        tz.settled(table, 4)
+    assert isinstance(tz.probe_table(rows, "iterations"), pd.DataFrame)
+
+
+def test_claim_rules_follow_effect_spread_and_the_papers_size():
+    assert tz.effect_verdict(0.05, 0.01, 0.06) == "holds"
+    assert tz.effect_verdict(0.01, 0.001, 0.06) == "direction only"   # under a third of the paper's
+    assert tz.effect_verdict(0.05, 0.08, None) == "direction only"    # inside the spread
+    assert tz.effect_verdict(-0.01, 0.0, None) == "does not hold"
+    assert tz.paper_effect("W4A4") is None
+    assert tz.paper_effect("W8A8") == pytest.approx(np.mean([2.0 / 43.6, 0.2 / 49.8, 0.5 / 44.6, 2.0 / 45.1]))
+    table = tz.summary_table(_rows({("whole", "W4A4", "qat_specific"): 0.32, ("whole", "W4A4", "qat_agnostic"): 0.30,
+                                    ("whole", "W4A4", "ptq_specific"): 0.321, ("whole", "W4A4", "qat_real"): 0.33}), 0.33)
+    got = {r["claim"][:12]: r["verdict"] for r in tz.claims(table, _summary(), ["whole"], ["W4A4"])}
+    assert got["QAT: task-sp"] == "holds"                  # +6.7 %, spread 0.5 %, no paper row at W4A4
+    assert got["zero-shot QA"] == "does not hold"         # QAT below its own PTQ
+    assert got["QAT on synth"] == "does not hold"         # below QAT on real images
+    assert "PTQ: task-sp" not in got                      # no ptq_agnostic rows: no claim
+
+
+def _summary() -> dict:
+    seeds = {str(k): {"found_initial": {"recall": r}, "found_initial_on_agnostic": {"recall": a}}
+             for k, (r, a) in enumerate(((0.5, 0.1), (0.6, 0.2), (0.4, 0.1)))}
+    return {"seeds": seeds, "distance": {"initial": {"category": 0.5, "area": 0.2}, "sampled": {"category": 0.1, "area": 0.19}}}
+
+
+def test_stage1_claims_read_found_counts_and_distances():
+    s = _summary()
+    assert tz.claim_objects_written(s)["verdict"] == "holds"
+    assert tz.claim_reconstructs(s, "category")["verdict"] == "holds"          # 0.5 -> 0.1: 80 % closed
+    assert tz.claim_reconstructs(s, "area")["verdict"] == "direction only"     # 0.2 -> 0.19: 5 % closed
+    s["distance"]["sampled"]["area"] = 0.3
+    assert tz.claim_reconstructs(s, "area")["verdict"] == "does not hold"
+
+
+def test_preview_round_trips_images_targets_and_detections(tiny, tmp_path):
+    task_set = tz.synthesize(tiny, [1, 2, 3], num_images=2, batch_size=2, iterations=2, sampler=None, seed=0)
+    path = tz.write_preview(tmp_path / "preview.npz", task_set, tiny, n=2, score=0.0)
+    pixels, targets, detections = tz.read_preview(path)
+    assert pixels.shape == (2, *SIZE, 3) and 0 <= pixels.min() and pixels.max() <= 1
+    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, task_set.targets))
+    assert len(detections) == 2 and all(set(d) == {"boxes", "labels", "scores"} for d in detections)
+
+
+def test_figures_draw_a_partial_grid():
+    from helpers import task_zsq_figures as tf
+    rows = _rows({("whole", "W8A8", "ptq_real"): 0.33, ("whole", "W4A4", "ptq_real"): 0.30,
+                  ("whole", "W4A4", "qat_specific"): 0.32})
+    table = tf.comparison_table(rows, 0.33)
+    assert table.iloc[0]["method"] == "fp32" and (table["W8A8"] == "-").sum() == 1
+    fig = tf.map_vs_bits(rows, 0.33)
+    assert len(fig.axes) == 1
+
+
+def test_kept_initial_counts_initial_boxes_still_among_the_targets():
+    initial = [{"boxes": torch.tensor([[0., 0., 10., 10.]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5., 5., 20., 20.]]), "labels": torch.tensor([2])}]
+    final = [{"boxes": torch.tensor([[0., 0., 10., 10.], [30., 30., 60., 60.]]), "labels": torch.tensor([1, 3])},
+             {"boxes": torch.tensor([[40., 40., 60., 60.]]), "labels": torch.tensor([2])}]
+    assert tz.kept_initial(initial, final) == 1
