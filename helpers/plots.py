@@ -1,36 +1,31 @@
 """The paper's tables and figures, drawn only from stored results: `python -m helpers.plots [--batch tiny]`.
 
-Everything here reads `results/` through the manifest a batch writes (`results/manifest.json`,
-see `helpers.batch`): the comparison run of notebook 06 (its stored tables), the per-batch rows
-of the notebook 04 runs it compared, the loss curves and image previews of the notebook 03 runs,
-and the DF-MPC run of notebook 05 when the batch has one. Nothing is recomputed; the only
-arithmetic is arranging stored numbers (and mAP x 100, the paper's points, done where the rows are
-read, by `helpers.compare.collect_rows`).
+What a batch stored is read by `helpers.store` (`store.load(batch)` gives a `Stored` bundle: the
+comparison run of notebook 06, the rows of the 04 runs it compared, the 03 loss curves and
+previews, the 05 DF-MPC run); the seed verdicts and claims over seeds are `helpers.verdicts`'.
+Nothing is recomputed; the only arithmetic is arranging stored numbers (and mAP x 100, the paper's
+points, done where the rows are read, by `helpers.compare.collect_rows`).
 
 The paper's own numbers come from `references/papers.yaml` and are always shown beside ours
 with both sides named: ours with the batch's profile (`tiny`: a small RetinaNet on synthetic data,
 on a CPU), the paper's as "paper (RetinaNet-R50-FPN, ...)", so that nobody takes a tiny-scale
 number for a paper-scale one.
 
-Layout: `load(batch)` gathers what a batch stored into a `Stored` bundle; one function per
-artifact turns it into a DataFrame (tables; `*_data` functions give the numbers behind a figure)
-or a matplotlib Figure; `save` / `save_table` write PNG + PDF / CSV + Markdown with stable bytes
-(no dates, no software versions), so regenerating unchanged results changes no file. `ARTIFACTS`
-lists every artifact by its file name, which follows the paper (`table1_map`, `fig3_ptq_vs_zsq`).
-Figures are plain `matplotlib.figure.Figure` objects, not pyplot figures: no global state, nothing
-to close, and a notebook shows one by displaying it (after `%matplotlib inline`).
+Layout: one function per artifact turns a `Stored` bundle into a DataFrame (tables; `*_data`
+functions give the numbers behind a figure) or a matplotlib Figure; `save` / `save_table` write
+PNG + PDF / CSV + Markdown with stable bytes (no dates, no software versions) through `runs`'
+atomic writer, so regenerating unchanged results changes no file. `ARTIFACTS` lists every artifact
+by its file name, which follows the paper (`table1_map`, `fig3_ptq_vs_zsq`). Figures are plain
+`matplotlib.figure.Figure` objects, not pyplot figures: no global state, nothing to close, and a
+notebook shows one by displaying it (after `%matplotlib inline`).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import io
-import json
 import os
-import re
 import sys
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +35,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from helpers import compare, runs
+from helpers import compare, runs, store, verdicts
+from helpers.store import DFMPC_NOTEBOOK, MissingResults, Stored
 
 PAPER_MODEL = "RetinaNet-R50-FPN"   # the paper's detector (section 4.1.2: torchvision RetinaNet v2, ResNet-50-FPN)
 SETTING = compare.PAPER_SETTING     # the paper's bit setting, W8A8
@@ -52,7 +48,6 @@ SOURCE_LABEL = {"real": "real images\n(PTQ)", "distilled mean": "distilled, mean
                 "distilled mean+std": "distilled,\nmean+std", "distilled mean (unclamped)": "distilled, mean,\nunclamped",
                 "gaussian": "Gaussian\nnoise N(0, 1)"}
 LOSS_SOURCE = {"mean": "distilled mean", "mean+std": "distilled mean+std"}
-DFMPC_NOTEBOOK = "05_compensate_dfmpc"
 PNG_DPI = 200
 
 
@@ -81,132 +76,6 @@ def styled(fn: Callable) -> Callable:
         with matplotlib.rc_context(style_rc()):
             return fn(*args, **kwargs)
     return wrapper
-
-
-# --------------------------------------------------------------------------- stored results
-class MissingResults(LookupError):
-    """The batch has not stored what an artifact needs (the message says what and how to get it)."""
-
-
-@dataclass
-class Stored:
-    """What one batch stored, as the figures need it. mAP in points (x 100), as the paper prints it."""
-    batch: str
-    profile: str
-    comparison: dict | None = None                  # metrics.json of the 06 run: table1, spread, sweep, claims, runs
-    rows: pd.DataFrame | None = None                # every quantized evaluation of the compared 04 runs
-    distillations: list[dict] = field(default_factory=list)  # per 03 run: stage, loss, clamp, curves, preview, ...
-    detectors: dict = field(default_factory=dict)   # stage -> params of its 02 run
-    calibration: dict = field(default_factory=dict)  # run id -> params of the compared 04 runs
-    calibration_runs: list = field(default_factory=list)  # the compared 04 runs themselves
-    dfmpc: dict | None = None                       # metrics.json of the 05 run
-    missing: dict = field(default_factory=dict)     # what is absent and why: "comparison", "rows", "distillation", "dfmpc"
-
-    @property
-    def arch(self) -> str:
-        return ", ".join(sorted({str(p.get("ARCH", "?")) for p in self.detectors.values()})) or "detector unknown"
-
-    @property
-    def ours(self) -> str:
-        """How our side is named everywhere: the profile and the detector architecture."""
-        return f"ours: profile {self.profile}, {self.arch}"
-
-    def summary(self) -> str:
-        """One stable line per kind of stored input: what the figures are drawn from, and what is missing."""
-        lines = [f"batch {self.batch!r}, profile {self.profile}, detectors: {self.arch}",
-                 f"comparison (06): {'stored' if self.comparison else 'missing'}",
-                 f"quantized evaluations (04): {0 if self.rows is None else len(self.rows)} rows from {len(self.calibration)} runs",
-                 f"distillation runs (03): {len(self.distillations)}, with image previews: "
-                 f"{sum(bool(d['preview']) for d in self.distillations)}",
-                 f"DF-MPC (05): {'stored' if self.dfmpc else 'missing'}"]
-        return "\n".join(lines)
-
-    def need(self, what: str):
-        value = {"comparison": self.comparison, "rows": self.rows, "dfmpc": self.dfmpc,
-                 "distillation": self.distillations or None}[what]
-        if value is None:
-            raise MissingResults(self.missing.get(what, f"batch {self.batch!r} stored no {what}"))
-        return value
-
-
-def read_manifest(batch: str) -> list[dict]:
-    """The batch's manifest entries whose run stored its metrics.json.
-
-    A committed clone has the metrics but not the large artifacts (weights, distilled tensors), so
-    'stored' here means metrics.json exists, not `runs.is_finished` (which also wants the artifacts).
-    """
-    path = runs.results_dir() / "manifest.json"
-    if not path.exists():
-        raise MissingResults(f"no manifest at {path}: run a batch first (`make reproduce`) or check out the committed results")
-    batches = json.loads(path.read_text())["batches"]
-    if batch not in batches:
-        raise MissingResults(f"the manifest has no batch {batch!r}; it has {sorted(batches)}")
-    return [e for e in batches[batch] if (runs.results_dir() / e["path"] / "metrics.json").exists()]
-
-
-def _run(entry: dict) -> runs.Run:
-    return runs.Run(entry["notebook"], entry["params"], runs.results_dir() / entry["path"])
-
-
-def _newest(entries: list[dict], notebook: str) -> runs.Run | None:
-    found = [e for e in entries if e["notebook"] == notebook]
-    return _run(found[-1]) if found else None
-
-
-def _preview(path: Path) -> dict[int, np.ndarray]:
-    if not path.exists():
-        return {}
-    with np.load(path) as archive:
-        return {int(k.split("_")[1]): archive[k] for k in sorted(archive.files, key=lambda k: int(k.split("_")[1]))}
-
-
-def load(batch: str = "tiny", profile: str | None = None) -> Stored:
-    """Gather everything a batch stored that the figures need; absent parts are recorded in `missing`.
-
-    `profile`, when given, must be the profile the batch's runs were made with (so no figure labels
-    a tiny-scale result as another profile's).
-    """
-    entries = read_manifest(batch)
-    profiles = sorted({str(e["params"]["PROFILE"]) for e in entries if "PROFILE" in e["params"]})
-    if profile is not None and profiles != [profile]:
-        raise ValueError(f"batch {batch!r} was run with profile(s) {profiles}, not {profile!r}")
-    stored = Stored(batch, "+".join(profiles) or "unknown")
-    stored.detectors = {e["params"]["STAGE"]: e["params"] for e in entries if e["notebook"] == "02_train_detector"}
-    comparison = _newest(entries, "06_compare_calibration")
-    if comparison is None:
-        stored.missing["comparison"] = f"batch {batch!r} has no stored 06_compare_calibration run"
-    else:
-        stored.comparison = comparison.metrics()
-    calibration = [_run(e) for e in entries if e["notebook"] == "04_quantize_evaluate"]
-    if stored.comparison:  # exactly the runs the comparison compared, so figures and tables agree
-        listed = stored.comparison.get("runs", [])
-        compared = set(listed.values() if isinstance(listed, dict) else listed)  # dict: results before Nov 2026
-        calibration = [r for r in calibration if r.id in compared]
-    if calibration:
-        stored.rows = compare.collect_rows(calibration)
-        stored.calibration = {r.id: r.params for r in calibration}
-        stored.calibration_runs = calibration
-    else:
-        stored.missing["rows"] = f"batch {batch!r} has no stored 04_quantize_evaluate run"
-    for entry in entries:
-        if entry["notebook"] != "03_distill_calibration_data":
-            continue
-        run = _run(entry)
-        curves = run.path("loss_curves.json")
-        stored.distillations.append({
-            "run_id": run.id, "stage": run.params["STAGE"], "loss": run.params["LOSS"], "clamp": run.params["CLAMP"],
-            "curves": json.loads(curves.read_text()) if curves.exists() else None,
-            "preview": _preview(run.path("preview.npz")),
-            "pixel_statistics": run.metrics().get("pixel_statistics", {})})
-    if not stored.distillations:
-        stored.missing["distillation"] = f"batch {batch!r} has no stored 03_distill_calibration_data run"
-    dfmpc = _newest(entries, DFMPC_NOTEBOOK)
-    if dfmpc is None:
-        stored.missing["dfmpc"] = (f"batch {batch!r} has no stored {DFMPC_NOTEBOOK} run "
-                                   f"(add the notebook to the batch file and run the batch)")
-    else:
-        stored.dfmpc = dfmpc.metrics()
-    return stored
 
 
 def paper() -> dict:
@@ -295,17 +164,11 @@ def table_schemes(stored: Stored) -> pd.DataFrame:
 def table_export(stored: Stored) -> pd.DataFrame:
     """Notebook 09: the exported int8 detector in onnxruntime beside the PyTorch models (AP, int8 convs, size)."""
     from helpers import export
-    run = _newest(read_manifest(stored.batch), "09_export_onnx")
-    if run is None:
-        raise MissingResults(f"batch {stored.batch!r} has no stored 09_export_onnx run")
-    return export.summary_table(run.metrics())
+    return export.summary_table(store.newest_run(stored.batch, "09_export_onnx").metrics())
 
 
 def _spmixq_run(stored: Stored) -> runs.Run:
-    run = _newest(read_manifest(stored.batch), "08_mixed_precision_spmixq")
-    if run is None:
-        raise MissingResults(f"batch {stored.batch!r} has no stored 08_mixed_precision_spmixq run")
-    return run
+    return store.newest_run(stored.batch, "08_mixed_precision_spmixq")
 
 
 def fig_spmixq_sensitivity(stored: Stored) -> Figure:
@@ -364,128 +227,6 @@ def dfmpc_table(stored: Stored) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
-def _first(rows: list[dict] | None, **match):
-    """The first stored row whose fields equal `match`, else None."""
-    return next((r for r in rows or [] if all(r.get(k) == v for k, v in match.items())), None)
-
-
-def _minus(a, b):
-    return None if a is None or b is None else a - b
-
-
-def _seed_verdicts(stored: Stored) -> dict[str, str]:
-    """One batch's tiny verdicts as short strings, read from its stored notebook 06 (and 05) metrics; "n/a" where absent."""
-    metrics = stored.need("comparison")
-    fine, pre = "finetune", "pretrain"
-
-    def spread(stage, source, setting=SETTING, column="mean"):
-        return _spread_value(stored, stage, source, column, setting)
-
-    def table1(stage, precision):
-        return _table1_map(stored, stage, precision)
-
-    def w8a4(calibrator, source):
-        return (_first(metrics.get("calibrators"), calibrator=calibrator, source=source) or {}).get("mean")
-
-    def text(fmt: str, *values) -> str:  # a value that rounds to zero prints unsigned ("-0.00" reads as a loss)
-        if any(v is None for v in values):
-            return "n/a"
-        return re.sub(r"[-+](0(?:\.0+)?%?)(?![\d.])", r"\1", fmt.format(*values))
-
-    def order(setting: str) -> str:
-        row = _first(metrics.get("separating_three_sources"), setting=setting)
-        return "n/a" if row is None else f"{row['ranking']} ({'all' if row['all_separated'] else 'not all'} separated)"
-
-    colour = {r["stage"]: r["colour_share"] for r in sorted(metrics.get("colour_change") or [], key=lambda r: r["iteration"])}
-    recovered = ((stored.dfmpc or {}).get("classifier") or {}).get("recovered") or {}
-    max_rule = {source: w8a4("max", source) for source in ("real", "distilled mean", "gaussian")}
-    detector = stored.detectors.get(fine, {})
-    claims = stored_claims(stored)
-    return {
-        "seed, data root": f"{detector.get('SEED', '?')}, {detector.get('DATA_ROOT', '?')}",
-        "FP32 mAP, fine-tuned / pretrained": text("{:.2f} / {:.2f}", table1(fine, "W32-A32"), table1(pre, "W32-A32")),
-        "W8A8 zero-shot minus FP32": text("{:+.2f}", _minus(table1(fine, "W8-A8"), table1(fine, "W32-A32"))),
-        "W8A8 zero-shot vs PTQ": text("{:.2f} vs {:.2f}", spread(fine, "distilled mean"), spread(fine, "real")),
-        "W8A8 Gaussian minus distilled": text("{:+.2f}", _minus(spread(fine, "gaussian"), spread(fine, "distilled mean"))),
-        "W8A8 batch std, zero-shot vs PTQ": text("{:.2f} vs {:.2f}", spread(fine, "distilled mean", column="std"),
-                                                 spread(fine, "real", column="std")),
-        "W4A8 order, percentile calibrator": order("W4A8"),
-        "W8A4 order, percentile calibrator": order("W8A4"),
-        "W8A4, MSE calibrator: real / distilled minus Gaussian": text(
-            "{:+.1f} / {:+.1f}", _minus(w8a4("mse", "real"), w8a4("mse", "gaussian")),
-            _minus(w8a4("mse", "distilled mean"), w8a4("mse", "gaussian"))),
-        "W8A4, max calibrator: best source": "n/a" if None in max_rule.values() else max(max_rule, key=max_rule.get),
-        "pretrained W8A8: mean+std vs mean-only": text("{:.2f} vs {:.2f}", spread(pre, "distilled mean+std"),
-                                                       spread(pre, "distilled mean")),
-        "pretrained W8A8: Gaussian vs mean-only": text("{:.2f} vs {:.2f}", spread(pre, "gaussian"), spread(pre, "distilled mean")),
-        "pretrained: FP32 minus W8A8 zero-shot": text("{:.2f}", _minus(table1(pre, "W32-A32"), table1(pre, "W8-A8"))),
-        "colour share of the change, fine-tuned (pretrained)": text("{:.2f} ({:.2f})", colour.get(fine), colour.get(pre)),
-        "paper's claims that hold by notebook 06's rules (direction only)": (
-            f"{sum(_claim_verdict(c) == 'holds' for c in claims)} of {len(claims)} "
-            f"({sum(_claim_verdict(c) == 'direction only' for c in claims)})" if claims else "n/a"),
-        "DF-MPC classifier, share of the drop won back: 2/6 / 3/6": text(
-            "{:.0%} / {:.0%}", (recovered.get("ternary") or {}).get("dfmpc"), (recovered.get("3") or {}).get("dfmpc")),
-    }
-
-
-def _claim_verdict(claim: dict) -> str:
-    """A stored claim's verdict (results stored before the effect-size rule have only a bool)."""
-    return claim.get("verdict") or ("holds" if claim.get("holds at tiny scale") else "does not hold")
-
-
-def stored_claims(stored: Stored) -> list[dict]:
-    """The paper's claims judged by today's rules (`compare.claims`) on the batch's stored 04 rows, 03
-    pixel statistics and previews: the same as notebook 06 computes, without its run (a batch whose
-    06 ran before a rule changed is judged by the new rule, from what it stored)."""
-    if stored.rows is None:
-        return stored.need("comparison").get("claims") or []
-    pixel, previews = {}, {}
-    for d in stored.distillations:  # manifest order: the newest mean-only clamped run per stage wins
-        if d["loss"] == "mean" and d["clamp"]:
-            stats = d["pixel_statistics"]
-            pixel[d["stage"]] = stats[max(stats, key=int)]["channel_spread"]
-            previews[d["stage"]] = d["preview"]
-    colour = compare.colour_of_previews(previews) if all(previews.values()) and previews else None
-    return compare.records(compare.claims(stored.rows, stored.calibration_runs, pixel, colour))
-
-
-def table_claims_over_seeds(storeds: list[Stored]) -> pd.DataFrame:
-    """Every core claim over the seed batches: the paper's effect, ours with its seed spread, the verdicts."""
-    return compare.claims_over_seeds({s.batch: stored_claims(s) for s in storeds})
-
-
-def seed_numbers(stored: Stored) -> dict[str, float | None]:
-    """The numbers behind the tiny verdicts (mAP points), from one batch's stored 06 metrics: what a
-    batch made again on another CPU is checked on (`tools.verify`), each against the seed spread."""
-    metrics = stored.need("comparison")
-    fine, pre = "finetune", "pretrain"
-
-    def w8a4(calibrator, source):
-        return (_first(metrics.get("calibrators"), calibrator=calibrator, source=source) or {}).get("mean")
-
-    return {
-        "FP32 mAP, fine-tuned": _fp32(stored, fine),
-        "FP32 mAP, pretrained": _fp32(stored, pre),
-        "W8A8 zero-shot minus FP32": _minus(_table1_map(stored, fine, "W8-A8"), _fp32(stored, fine)),
-        "W8A8 zero-shot minus PTQ": _minus(_spread_value(stored, fine, "distilled mean"), _spread_value(stored, fine, "real")),
-        "W8A8 Gaussian minus distilled": _minus(_spread_value(stored, fine, "gaussian"),
-                                                _spread_value(stored, fine, "distilled mean")),
-        "W8A4 MSE calibrator, real minus Gaussian": _minus(w8a4("mse", "real"), w8a4("mse", "gaussian")),
-        "pretrained: FP32 minus W8A8 zero-shot": _minus(_fp32(stored, pre), _table1_map(stored, pre, "W8-A8")),
-    }
-
-
-def table_seeds(storeds: list[Stored]) -> pd.DataFrame:
-    """The tiny verdicts side by side, one column per batch (another seed and data draw each), every
-    cell read from that batch's stored comparison (notebook 06) and DF-MPC (05) metrics: which
-    verdicts are properties of the recipe and which of one trained detector."""
-    if not storeds:
-        raise MissingResults("name at least one batch")
-    columns = {s.batch: _seed_verdicts(s) for s in storeds}
-    verdicts = list(next(iter(columns.values())))
-    return pd.DataFrame({"verdict": verdicts, **{batch: [col[v] for v in verdicts] for batch, col in columns.items()}})
-
-
 def dfmpc_ablation_data(stored: Stored, which: str = "lambda1") -> pd.DataFrame:
     """The stored lambda ablation of notebook 05: one row per lambda value."""
     rows = (stored.need("dfmpc").get("ablation") or {}).get(which) or []
@@ -510,20 +251,6 @@ def fig2_sweep_data(stored: Stored, stage: str) -> tuple[pd.DataFrame, pd.DataFr
         raise MissingResults(f"no iteration sweep of the {stage} detector at {SETTING} was stored "
                              "(a distilled 04 run of that stage with SWEEP_ITERATIONS)")
     return points, sweep.astype({"iteration": int}).sort_values(["source", "iteration"]).reset_index(drop=True)
-
-
-def _spread_value(stored: Stored, stage: str, source: str, column: str = "mean", setting: str = SETTING):
-    row = _first((stored.comparison or {}).get("spread"), stage=stage, source=source, setting=setting)
-    return None if row is None else row[column]
-
-
-def _table1_map(stored: Stored, stage: str, precision: str):
-    row = _first((stored.comparison or {}).get("table1"), model=stage, precision=precision)
-    return None if row is None else row["mAP"]
-
-
-def _fp32(stored: Stored, stage: str):
-    return _table1_map(stored, stage, "W32-A32")
 
 
 def _paper_note(fig, text: str) -> None:
@@ -558,9 +285,9 @@ def fig2_map_vs_iterations(stored: Stored, stage: str):
         dots = points[points["source"] == source]
         ax.scatter(dots["iteration"] + (k - 0.5) * 0.012 * span, dots["mAP"], s=14, color=colour, alpha=0.6,
                    edgecolor="none", label=f"{loss} loss: one calibration batch")
-    references = [("FP32 (no quantization)", _fp32(stored, stage), "0.2", "-"),
-                  (f"{SETTING}, real images (PTQ)", _spread_value(stored, stage, "real"), source_colour("real"), "--"),
-                  (f"{SETTING}, Gaussian noise", _spread_value(stored, stage, "gaussian"), source_colour("gaussian"), ":")]
+    references = [("FP32 (no quantization)", stored.fp32(stage), "0.2", "-"),
+                  (f"{SETTING}, real images (PTQ)", stored.spread_value(stage, "real"), source_colour("real"), "--"),
+                  (f"{SETTING}, Gaussian noise", stored.spread_value(stage, "gaussian"), source_colour("gaussian"), ":")]
     for label, value, colour, style in references:
         if value is not None:
             ax.axhline(value, color=colour, ls=style, lw=1.3, label=f"{label}: {value:.2f}")
@@ -771,7 +498,7 @@ def fig_sources_bits(stored: Stored, stage: str = "finetune"):
         xs = [settings.index(s) + (k - (len(sources) - 1) / 2) * width for s in part.index]
         ax.errorbar(xs, part["mean"], yerr=part["std"], fmt="o", ms=5, capsize=3, color=source_colour(source),
                     label=SOURCE_LABEL.get(source, source).replace("\n", " "))
-    fp32 = _fp32(stored, stage)
+    fp32 = stored.fp32(stage)
     if fp32 is not None:
         ax.axhline(fp32, color="0.2", lw=1.2, label=f"FP32: {fp32:.2f}")
     ax.set_xticks(range(len(settings)), settings)
@@ -859,22 +586,18 @@ def display_path(path: Path) -> str:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    """Atomic write that leaves an unchanged file untouched (same bytes: same mtime, no git noise)."""
+    """`runs`' atomic write (temp file, fsync, `os.replace`), leaving an unchanged file untouched (same bytes:
+    same mtime, no git noise) and giving a new one the permissions a plain write would (mkstemp makes 0600)."""
+    path = Path(path)
     if path.exists() and path.read_bytes() == data:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain write would
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    def write(fh) -> None:
+        os.fchmod(fh.fileno(), 0o666 & ~umask)
+        fh.write(data)
+    return runs._atomic(path, write)
 
 
 def save(fig, name: str, out_dir: str | Path = "results/figures") -> list[Path]:
@@ -1075,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds:
         try:
-            table = table_seeds([load(b) for b in args.seeds])
+            table = verdicts.table_seeds([store.load(b) for b in args.seeds])
         except MissingResults as err:
             print(f"figures: {err}", file=sys.stderr)
             return 1
@@ -1083,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
                    "read from that batch's stored notebook 06 and 05 metrics; mAP in points, fine-tuned detector "
                    "unless named, W8A8 over 8 batches, W8A4 calibrators over 4.")
         print("table_seeds:", ", ".join(display_path(p) for p in save_table(table, "table_seeds", args.out, caption)))
-        over = table_claims_over_seeds([load(b) for b in args.seeds])
+        over = verdicts.table_claims_over_seeds([store.load(b) for b in args.seeds])
         caption = (f"**The core paper's claims over the seed batches** ({', '.join(f'`{b}`' for b in args.seeds)}): "
                    f"effects as shares of mAP; 'holds' needs at least {compare.EFFECT_SHARE:.2g} of the paper's "
                    "relative effect and a gap beyond the spread (notebook 06's rules).")
@@ -1092,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         update_readme_findings(out_dir=args.out)
         return 0
     try:
-        stored = load(args.batch)
+        stored = store.load(args.batch)
     except MissingResults as err:
         print(f"figures: {err}", file=sys.stderr)
         return 1

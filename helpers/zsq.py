@@ -19,14 +19,13 @@ Calibration sources (all in batches of `batch_size`, paper: 8):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers import config, data, distill, evaluate, models, quant, runs, upstream
+from helpers import data, distill, evaluate, quant, runs, upstream
 # used by task_zsq (issue 16: draft notebook 07); remove when it imports from helpers.upstream
 from helpers.upstream import detector_run, load_detector, load_distilled, training_set, validation_set  # noqa: F401
 

@@ -2,7 +2,7 @@
 
 Not bit for bit: a training re-made with another CPU kernel family (AVX2 vs AVX-512) is a new
 draw of the same recipe, so it is judged like one. Every number behind the tiny verdicts
-(`plots.seed_numbers`: fine-tuned and pretrained mAP, the W8A8 gaps, ...) of the batch in
+(`verdicts.seed_numbers`: fine-tuned and pretrained mAP, the W8A8 gaps, ...) of the batch in
 `results/` must lie within `K` standard deviations of the committed batch's, the deviation taken
 over the committed seed batches (`tiny`, `tiny_seed1`, `tiny_seed2`: three draws of data and
 initialisation). Every verdict string of `table_seeds` that is the same in all committed seed
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import plots
+from helpers import store, verdicts
 from helpers.runs import ROOT, atomic_write_json, cpu_info
 
 SEED_BATCHES = ("tiny", "tiny_seed1", "tiny_seed2")
@@ -34,7 +34,7 @@ K = 2.0
 
 @contextmanager
 def results_at(path: Path):
-    """Point `runs.results_dir()` (what `plots.load` reads) at another results tree for a while."""
+    """Point `runs.results_dir()` (what `store.load` reads) at another results tree for a while."""
     before = os.environ.get("IRZSQ_RESULTS_DIR")
     os.environ["IRZSQ_RESULTS_DIR"] = str(path)
     try:
@@ -54,11 +54,11 @@ def committed_results(ref: str, into: Path) -> Path:
     return into / "results"
 
 
-def compare(made: dict[str, plots.Stored], committed: dict[str, plots.Stored], batch: str = "tiny",
+def compare(made: dict[str, store.Stored], committed: dict[str, store.Stored], batch: str = "tiny",
             k: float = K) -> dict:
     """Judge `made[batch]` against `committed[batch]` with the spread of the committed seed batches."""
-    ours, theirs = plots.seed_numbers(made[batch]), plots.seed_numbers(committed[batch])
-    seeds = [plots.seed_numbers(s) for s in committed.values()]
+    ours, theirs = verdicts.seed_numbers(made[batch]), verdicts.seed_numbers(committed[batch])
+    seeds = [verdicts.seed_numbers(s) for s in committed.values()]
     numbers = []
     for name, value in theirs.items():
         draws = [s[name] for s in seeds if s[name] is not None]
@@ -68,18 +68,18 @@ def compare(made: dict[str, plots.Stored], committed: dict[str, plots.Stored], b
         ok = gap is not None and std is not None and abs(gap) <= k * std
         numbers.append({"number": name, "committed": value, "made": new, "gap": gap, "seed_std": std,
                         "tolerance": None if std is None else k * std, "within": ok})
-    mine = plots._seed_verdicts(made[batch])
-    per_seed = {b: plots._seed_verdicts(s) for b, s in committed.items()}
-    verdicts = []
+    mine = verdicts.seed_verdicts(made[batch])
+    per_seed = {b: verdicts.seed_verdicts(s) for b, s in committed.items()}
+    verdict_rows = []
     for name, committed_text in per_seed[batch].items():
         if name == "seed, data root" or any(ch.isdigit() for ch in committed_text.replace("W", "")):
             continue  # numeric cells are judged above, by their numbers
         stable = len({v[name] for v in per_seed.values()}) == 1
-        verdicts.append({"verdict": name, "committed": committed_text, "made": mine[name], "stable_over_seeds": stable,
+        verdict_rows.append({"verdict": name, "committed": committed_text, "made": mine[name], "stable_over_seeds": stable,
                          "same": mine[name] == committed_text, "judged": stable})
-    agrees = all(n["within"] for n in numbers) and all(v["same"] for v in verdicts if v["judged"])
+    agrees = all(n["within"] for n in numbers) and all(v["same"] for v in verdict_rows if v["judged"])
     return {"batch": batch, "k": k, "seed_batches": list(committed), "agrees": agrees, "numbers": numbers,
-            "verdicts": verdicts}
+            "verdicts": verdict_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     made_dir = Path(args.made) if args.made else ROOT / "results"
     with tempfile.TemporaryDirectory() as tmp:
         with results_at(committed_results(args.ref, Path(tmp))):
-            committed = {b: plots.load(b) for b in SEED_BATCHES}
+            committed = {b: store.load(b) for b in SEED_BATCHES}
         with results_at(made_dir):
-            made = {args.batch: plots.load(args.batch)}
+            made = {args.batch: store.load(args.batch)}
     report = {**compare(made, {args.batch: committed[args.batch], **committed}, args.batch, args.k),
               "ref": args.ref, "cpu": cpu_info()}
     atomic_write_json(ROOT / args.out, report, digits=4)

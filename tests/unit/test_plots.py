@@ -4,12 +4,13 @@ A small results tree is written the way the notebooks write it (manifest, 03 cur
 04 rows, 06 tables made by `helpers.compare` from those rows), then each artifact is drawn from it.
 """
 import json
+import os
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import compare, plots, runs
+from helpers import compare, plots, runs, store, verdicts
 
 ITERATIONS = 6                      # distillation iterations; snapshots at 0, 3, 6
 SNAPSHOTS = (0, 3, 6)
@@ -103,24 +104,24 @@ def _comparison() -> dict:
 
 
 def test_load_uses_exactly_the_compared_runs_and_checks_the_profile(tree):
-    stored = plots.load("tiny", "tiny")
+    stored = store.load("tiny", "tiny")
     assert set(stored.rows["run_id"]) == {e["run_id"] for e in tree["calibration"]}  # not the stale run
     assert len(stored.rows) == sum(len(_rows(e)) for e in tree["calibration"])
     assert len(stored.distillations) == 5 and stored.dfmpc is None and "05_compensate_dfmpc" in stored.missing["dfmpc"]
     assert "profile tiny" in stored.ours and "retinanet_test" in stored.ours
     with pytest.raises(ValueError, match="profile"):
-        plots.load("tiny", "paper")
-    with pytest.raises(plots.MissingResults, match="no batch 'paper'"):
-        plots.load("paper")
+        store.load("tiny", "paper")
+    with pytest.raises(store.MissingResults, match="no batch 'paper'"):
+        store.load("paper")
 
 
 def test_missing_manifest_says_how_to_get_results():
-    with pytest.raises(plots.MissingResults, match="make reproduce"):
-        plots.load("tiny")
+    with pytest.raises(store.MissingResults, match="make reproduce"):
+        store.load("tiny")
 
 
 def test_table1_rows_columns_and_values_are_the_stored_ones(tree):
-    table = plots.table1(plots.load("tiny"))
+    table = plots.table1(store.load("tiny"))
     stored, reference = _comparison()["table1"], compare.paper_reference()["table1"]
     assert list(table["precision"]) == ["W32-A32", "W8-A8"] * 2
     assert list(table["model"]) == ["pretrained RetinaNet"] * 2 + ["fine-tuned RetinaNet"] * 2
@@ -140,7 +141,7 @@ def test_table1_rows_columns_and_values_are_the_stored_ones(tree):
 
 
 def test_tables_are_written_as_csv_and_markdown_with_the_stored_values(tree):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     _, files = plots.make("table1_map", stored, "results/figures")
     assert [p.name for p in files] == ["table1_map.csv", "table1_map.md"]
     assert files[0].parent == runs.results_dir() / "figures"
@@ -154,7 +155,7 @@ def test_tables_are_written_as_csv_and_markdown_with_the_stored_values(tree):
 
 
 def test_fig2_sweep_series_are_the_stored_sweep_and_rows(tree):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     for stage in ("finetune", "pretrain"):
         points, sweep = plots.fig2_sweep_data(stored, stage)
         assert set(sweep["source"]) == {"distilled mean", "distilled mean+std"}  # the unclamped run has no sweep
@@ -179,7 +180,7 @@ def test_fig2_sweep_series_are_the_stored_sweep_and_rows(tree):
 
 
 def test_fig2_loss_curves_are_the_stored_curves(tree):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     data = plots.fig2_loss_data(stored, "pretrain")
     assert data.groupby("loss_kind").size().to_dict() == {"mean": ITERATIONS, "mean+std": ITERATIONS}  # clamped runs only
     fig = plots.fig2_loss(stored, "pretrain")
@@ -195,7 +196,7 @@ def test_fig2_loss_curves_are_the_stored_curves(tree):
 
 
 def test_fig3_has_one_point_per_stored_batch_and_the_stored_statistics(tree):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     points, stats = plots.fig3_data(stored)
     order = ["real", "distilled mean", "distilled mean+std", "distilled mean (unclamped)", "gaussian"]
     assert list(stats["source"]) == order
@@ -218,7 +219,7 @@ def test_fig3_has_one_point_per_stored_batch_and_the_stored_statistics(tree):
 
 
 def test_fig4_grid_shows_the_stored_previews(tree):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     data = plots.fig4_data(stored)
     assert list(data) == ["pretrain", "finetune"]  # mean-only clamped runs, (a) pretrained first
     fig = plots.fig4_distilled_images(stored)
@@ -235,14 +236,17 @@ def test_fig4_grid_shows_the_stored_previews(tree):
 
 
 def test_saved_files_are_png_and_pdf_with_identical_bytes_on_a_rerun(tree, tmp_path):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     first = plots.save(plots.fig3_ptq_vs_zsq(stored), "fig3_ptq_vs_zsq", tmp_path / "a")
-    again = plots.save(plots.fig3_ptq_vs_zsq(plots.load("tiny")), "fig3_ptq_vs_zsq", tmp_path / "b")
+    again = plots.save(plots.fig3_ptq_vs_zsq(store.load("tiny")), "fig3_ptq_vs_zsq", tmp_path / "b")
     assert [p.name for p in first] == ["fig3_ptq_vs_zsq.png", "fig3_ptq_vs_zsq.pdf"]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     png, pdf = (p.read_bytes() for p in first)
     assert png.startswith(b"\x89PNG") and b"Software" not in png and b"Matplotlib" not in png
     assert pdf.startswith(b"%PDF") and b"CreationDate" not in pdf
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in first)  # as a plain write, not mkstemp's 0600
     mtime = first[0].stat().st_mtime_ns
     plots.save(plots.fig3_ptq_vs_zsq(stored), "fig3_ptq_vs_zsq", tmp_path / "a")
     assert first[0].stat().st_mtime_ns == mtime  # unchanged bytes leave the file alone
@@ -273,7 +277,7 @@ def test_dfmpc_table_and_ablation_come_from_the_stored_run(tree):
                "ablation": {"lambda1": [{"lambda1": v, "top1": 50 + v} for v in (0.0, 0.5, 1.0)],
                             "lambda2": [{"lambda2": v, "top1": 55 - v} for v in (0.0, 0.1)]}}
     _add_to_batch(_write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics))
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     table, files = plots.make("dfmpc_table", stored, "results/figures")
     assert list(table["part"]) == ["classifier", "classifier", "detector"] and list(table["top1"].iloc[:2]) == [69.0, 60.0]
     fig = plots.fig_dfmpc_lambda(stored, "lambda1")
@@ -295,7 +299,7 @@ def test_dfmpc_artifacts_from_the_rows_notebook_05_stores(tree):
                "ablation": {"lambda1": [{"lambda1": v, "low_bits": "ternary", "top1": 0.4 + v / 100} for v in (0.0, 0.5, 1.0)]},
                "paper_reference": {"lambda1": 0.5, "lambda2": 0.0}}
     _add_to_batch(_write_run("05_compensate_dfmpc", {"PROFILE": "tiny"}, metrics))
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     table, files = plots.make("dfmpc_table", stored, "results/figures")
     assert list(table["setting"]) == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "data-fit c 2/6 (TWN)"]
     assert list(table.columns[:3]) == ["part", "setting", "top1"] and "metric" not in table.columns
@@ -310,7 +314,7 @@ def test_dfmpc_artifacts_from_the_rows_notebook_05_stores(tree):
 
 
 def test_calibrator_table_is_the_stored_probe(tree):
-    table, files = plots.make("table_calibrators_w8a4", plots.load("tiny"), "results/figures")
+    table, files = plots.make("table_calibrators_w8a4", store.load("tiny"), "results/figures")
     stored = _comparison()["calibrators"]
     assert list(table["calibrator"]) == [r["calibrator"] for r in stored] and {"max", "percentile"} <= set(table["calibrator"])
     assert list(table["mAP mean (tiny)"]) == [r["mean"] for r in stored]
@@ -318,12 +322,12 @@ def test_calibrator_table_is_the_stored_probe(tree):
 
 
 def test_seed_table_reads_each_batch_stored_verdicts_and_marks_what_it_lacks(tree, capsys):
-    first = plots.load("tiny")
-    second = plots.load("tiny")
+    first = store.load("tiny")
+    second = store.load("tiny")
     second.batch = "tiny_seed1"
     second.comparison = dict(second.comparison, separating_three_sources=[
         {"setting": "W4A8", "ranking": "real > distilled mean > gaussian", "all_separated": True}])
-    table = plots.table_seeds([first, second]).set_index("verdict")
+    table = verdicts.table_seeds([first, second]).set_index("verdict")
     assert list(table.columns) == ["tiny", "tiny_seed1"]
     spread = {(r["stage"], r["source"], r["setting"]): r for r in _comparison()["spread"]}
     zsq, ptq = spread["finetune", "distilled mean", "W8A8"]["mean"], spread["finetune", "real", "W8A8"]["mean"]
@@ -358,7 +362,7 @@ def test_readme_findings_are_the_stored_tables_and_only_the_projects_figures_upd
 
 
 def test_spmixq_artifacts_are_skipped_with_a_reason_without_an_08_run(tree):
-    stored = plots.load("tiny")
+    stored = store.load("tiny")
     for name in ("fig_spmixq_sensitivity", "table_spmixq_claims", "table_spmixq_pareto_detector"):
-        with pytest.raises(plots.MissingResults, match="no stored 08_mixed_precision_spmixq run"):
+        with pytest.raises(store.MissingResults, match="no stored 08_mixed_precision_spmixq run"):
             plots.make(name, stored)

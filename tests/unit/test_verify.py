@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from helpers import plots
+from helpers import store
 from helpers.runs import ROOT
 from tools import verify
 
@@ -12,7 +12,7 @@ from tools import verify
 @pytest.fixture(scope="module")
 def committed():
     with verify.results_at(ROOT / "results"):
-        return {b: plots.load(b) for b in verify.SEED_BATCHES}
+        return {b: store.load(b) for b in verify.SEED_BATCHES}
 
 
 def _made_with(tmp_path, edit) -> dict:
@@ -20,12 +20,12 @@ def _made_with(tmp_path, edit) -> dict:
     made = tmp_path / "results"
     shutil.copytree(ROOT / "results", made, ignore=shutil.ignore_patterns("*.pt", "*.pth", "*.ipynb", "log.txt"))
     with verify.results_at(made):
-        entry = [e for e in plots.read_manifest("tiny") if e["notebook"] == "06_compare_calibration"][-1]
+        entry = [e for e in store.read_manifest("tiny") if e["notebook"] == "06_compare_calibration"][-1]
         path = made / entry["path"] / "metrics.json"
         metrics = json.loads(path.read_text())
         edit(metrics)
         path.write_text(json.dumps(metrics))
-        return {"tiny": plots.load("tiny")}
+        return {"tiny": store.load("tiny")}
 
 
 def test_the_committed_batch_agrees_with_itself(committed):
