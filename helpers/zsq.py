@@ -34,7 +34,7 @@ SOURCES = ("distilled", "real", *NOISE_SOURCES)
 PAPER_INPUT_SIZE = (512, 640)  # FLIR ADAS frames, the paper's input size (H, W)
 
 
-# used by task_zsq (issue 16); remove when it imports from quant.QuantSetting
+# used by task_zsq (issue 16: draft notebook 07); remove when it imports from quant.QuantSetting
 def parse_setting(setting: str) -> tuple[int, int]:
     """"W8A4" -> (8, 4), checked by `quant.QuantSetting.parse`."""
     parsed = quant.QuantSetting.parse(setting)
