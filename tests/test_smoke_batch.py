@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     monkeypatch.setenv("IRZSQ_RESULTS_DIR", str(results))
-    shutil.rmtree(ROOT / "data" / "smoke", ignore_errors=True)
+    for made in ("smoke", "sirst_synthetic_smoke"):  # made from nothing, as on a clean clone
+        shutil.rmtree(ROOT / "data" / made, ignore_errors=True)
     assert batch.main(["params/smoke.yaml"]) == 0
     runs = batch.load_batch(ROOT / "params" / "smoke.yaml")
     for run in runs:
@@ -43,6 +44,10 @@ def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
             assert settings == ["FP32", "naive 2/6 (TWN)", "DF-MPC 2/6 (TWN)", "naive 3/6", "DF-MPC 3/6"]
             assert all(0.0 <= r["metric"] <= 1.0 for r in metrics["classifier"]["rows"] + metrics["detector"]["rows"])
             assert len(metrics["ablation"]["lambda1"]) == 2 * len(params["LAMBDA1_SWEEP"])
+        elif run["notebook"] == "08_mixed_precision_spmixq":
+            assert metrics["claims"] and (folder / "policies.jsonl").exists() and (folder / "detector_policies.jsonl").exists()
+        elif run["notebook"] == "09_export_onnx":
+            assert metrics["int8_convs"]["qdq_ort"]["all_int8"] and metrics["int8_convs"]["qdq_ort"]["convs"] > 0
         elif run["notebook"] == "06_compare_calibration":
             assert {c["claim"].split(":")[0] for c in metrics["claims"]} >= {"finetune"}
             assert len(metrics["runs"]) == 3
