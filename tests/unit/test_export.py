@@ -54,6 +54,22 @@ def test_export_stores_int8_weights_and_int32_biases(calibrated, exported):
     assert exported["bytes"] < float_bytes / 3.5  # weights one byte each, not four
 
 
+def test_compact_names_keeps_every_value_and_output(exported, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    m = onnx.load(exported["path"])
+    assert all(len(n) <= 8 for node in m.graph.node for n in list(node.input) + list(node.output)
+               if n not in (export.INPUT_NAME, *export.OUTPUT_NAMES))
+    assert not any(node.op_type == "Identity" for node in m.graph.node)
+    assert any(node.name.startswith("/backbone/body/") for node in m.graph.node)  # scopes kept for layer_of
+    # compacting a file twice changes nothing, and the graph still computes the same outputs
+    again = tmp_path / "again.onnx"
+    onnx.save(export.compact_names(onnx.load(exported["path"])), str(again))
+    x = np.random.default_rng(0).standard_normal((1, 3, 128, 160)).astype(np.float32)
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {export.INPUT_NAME: x})  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(run(exported["path"]), run(again)))
+
+
 def test_scales_read_back_equal_the_quantizers(calibrated, exported):
     _, q, _ = calibrated
     scales = export.exported_scales(exported["path"])
@@ -78,6 +94,34 @@ def test_onnxruntime_matches_the_fake_quant_model(calibrated, exported):
         assert report[name]["rel_l2"] < 0.9 * float_error[name]["rel_l2"], (report, float_error)
     broken = export.run_session(export.session(exported["path"]), images * 2)
     assert export.compare_outputs(reference, broken, export.output_steps(reference))["cls_logits"]["rel_l2"] > 0.05
+
+
+def test_backbone_alone_exports_and_runs_like_the_fake_quant_backbone(calibrated, tmp_path):
+    model, q, images = calibrated
+    path = export.export_qdq(q, tmp_path / "backbone.onnx", part="backbone")["path"]
+    with export.layer_mode(q, "qdq"):
+        reference = export.torch_graph_outputs(q, images, "backbone")
+    got = export.session(path).run(None, {export.INPUT_NAME: images.numpy()})
+    assert len(got) == len(reference) == 5  # the pyramid levels
+    floats = export.torch_graph_outputs(model, images, "backbone")
+    for ref, out, flt in zip(reference, got, floats):
+        error = (torch.from_numpy(out) - ref).norm() / ref.norm()
+        assert error < 0.9 * (flt - ref).norm() / ref.norm()  # closer to the fake-quant model than float is
+    with pytest.raises(export.ExportError, match="part must be one of"):
+        export.export_float(model, tmp_path / "x.onnx", part="head")
+
+
+def test_onnx_benchmark_measures_both_parts_side_by_side(tmp_path):
+    from tools import benchmarks_onnx
+    result = benchmarks_onnx.measure(repeats=1, threads=(1,), paper=False)
+    for part in ("network", "backbone"):
+        assert set(result[part]["threads"]["1"]["best_ms"]) == {"torch_fp32", "torch_fakequant", "ort_fp32",
+                                                               "ort_int8_qdq", "ort_int8_ort_placement",
+                                                               "ort_int8_quantize_static"}
+        assert result[part]["bytes"]["ort_fp32"] > 3.5 * result[part]["bytes"]["ort_int8_qdq"]
+        assert result[part]["int8_convs"]["ort_int8_ort_placement"]["all_int8"]
+    assert result["backbone"]["bytes"]["ort_fp32"] < result["network"]["bytes"]["ort_fp32"]
+    assert set(result["verdict"]["int8_speedup_measured"]) == {"network", "backbone"}
 
 
 def test_narrow_range_effect_is_measured(calibrated):
