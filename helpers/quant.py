@@ -46,6 +46,11 @@ images already live in the normalised space: pass `normalized=True` to `calibrat
 forward in `skip_normalization(model)`), which makes the transform's normalisation the identity;
 distilled images made at the detector's input size are not resized either, so the first conv
 sees exactly the distilled tensor.
+
+Also here, so that every bit width is checked in one place: `QuantSetting` (a "W8A4" setting with
+its calibrator, percentile and scheme, checked once when parsed), DF-MPC's layer-wise weight
+quantizers (TWN ternary and Eq. 6 uniform, de-quantized), and the sizes: `model_size` counts
+parameters at their stored widths (ternary = 2 bits), `size_report` measures serialised state dicts.
 """
 from __future__ import annotations
 
