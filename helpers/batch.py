@@ -171,6 +171,15 @@ def runs_of(batch_file: str | Path, notebook: str, positions: list[int] = ()) ->
     return chosen
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser, notebook: str) -> argparse.ArgumentParser:
+    """The arguments of a torchrun entry point: the batch file, the runs to take, the backend."""
+    parser.add_argument("batch", help="YAML batch file, e.g. params/paper.yaml")
+    parser.add_argument("--run", type=int, action="append", default=[],
+                        help=f"position of a {notebook} run in `helpers.batch BATCH --list` (1-based, repeatable); default all")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, gloo on the CPU")
+    return parser
+
+
 def run_distributed(batch_file: str | Path, notebook: str, work, positions: list[int] = (), backend: str | None = None,
                     execute_notebook: bool = True) -> int:
     """The driver of `torchrun ... -m helpers.train|helpers.distill BATCH`: for each unfinished run of `notebook`

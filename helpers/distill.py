@@ -509,11 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from helpers import batch
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("batch", help="YAML batch file, e.g. params/paper.yaml")
-    parser.add_argument("--run", type=int, action="append", default=[],
-                        help="position of a 03 run in `helpers.batch BATCH --list` (1-based, repeatable); default all")
-    parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, gloo on the CPU")
+    parser = batch.add_distributed_arguments(argparse.ArgumentParser(description=main.__doc__.splitlines()[0]), NOTEBOOK)
     parser.add_argument("--distill-only", action="store_true", help="distil, but do not execute the notebook")
     args = parser.parse_args(argv)
     return batch.run_distributed(args.batch, NOTEBOOK, distill_batch_run, args.run, args.backend,

@@ -251,50 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     Afterwards `python -m helpers.batch BATCH` runs the rest of the batch and skips these runs.
     """
     import argparse
-    import sys
 
     from helpers import batch, runs
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("batch", help="YAML batch file, e.g. params/paper.yaml")
-    parser.add_argument("--run", type=int, action="append", default=[],
-                        help="position of a 02 run in `helpers.batch BATCH --list` (1-based, repeatable); default all")
-    parser.add_argument("--backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, gloo on the CPU")
+    parser = batch.add_distributed_arguments(argparse.ArgumentParser(description=main.__doc__.splitlines()[0]), NOTEBOOK)
     parser.add_argument("--train-only", action="store_true", help="train, but do not execute the notebook")
     parser.add_argument("--no-augment", action="store_true", help="no random flip (N processes = 1 process to float rounding)")
     args = parser.parse_args(argv)
-    try:
-        resolved = batch.load_batch(args.batch)
-    except batch.BatchError as err:
-        print(f"train failed: {err}", file=sys.stderr)
-        return 1
-    chosen = [(i, r) for i, r in enumerate(resolved, 1) if r["notebook"] == NOTEBOOK and (not args.run or i in args.run)]
-    wrong = [k for k in args.run if k not in {i for i, _ in chosen}]
-    if wrong or not chosen:
-        print(f"train failed: runs {wrong or args.run} of {args.batch} are not {NOTEBOOK} runs; "
-              f"those are {[i for i, r in enumerate(resolved, 1) if r['notebook'] == NOTEBOOK]}", file=sys.stderr)
-        return 1
-    distributed.init(args.backend)
-    try:
-        for i, run in chosen:
-            folder = runs.results_dir() / NOTEBOOK / run["run_id"]
-            say = print if distributed.is_writer() else (lambda *a, **k: None)
-            if runs.is_finished(folder):
-                say(f"[{i}] {NOTEBOOK} {run['run_id']}: finished, skipped", flush=True)
-                continue
-            if run["params"]["EPOCHS"] > 0:
-                say(f"[{i}] {NOTEBOOK} {run['run_id']}: training on {distributed.world_size()} process(es)", flush=True)
-                if distributed.is_writer():
-                    runs.open_run(NOTEBOOK, run["params"])
-                distributed.barrier()
-                train_notebook_run(run["params"], folder, augment=not args.no_augment)
-            if not args.train_only:
-                if distributed.is_writer():
-                    with distributed.single_process_environment():
-                        say(f"[{i}] {NOTEBOOK} {run['run_id']}: notebook {batch.execute(run)}", flush=True)
-                distributed.barrier()
-    finally:
-        distributed.cleanup()
-    return 0
+
+    def train_run(run: dict, device) -> None:  # a run with EPOCHS 0 (the paper's COCO detector) is only executed
+        if run["params"]["EPOCHS"] > 0:
+            if distributed.is_writer():
+                runs.open_run(NOTEBOOK, run["params"])
+            distributed.barrier()
+            train_notebook_run(run["params"], runs.results_dir() / NOTEBOOK / run["run_id"], augment=not args.no_augment)
+    return batch.run_distributed(args.batch, NOTEBOOK, train_run, args.run, args.backend,
+                                 execute_notebook=not args.train_only)
 
 
 if __name__ == "__main__":
