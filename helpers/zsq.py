@@ -26,19 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers import data, distill, evaluate, quant, runs, upstream
-# used by task_zsq (issue 16: draft notebook 07); remove when it imports from helpers.upstream
-from helpers.upstream import detector_run, load_detector, load_distilled, training_set, validation_set  # noqa: F401
 
 NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")
 SOURCES = ("distilled", "real", *NOISE_SOURCES)
 PAPER_INPUT_SIZE = (512, 640)  # FLIR ADAS frames, the paper's input size (H, W)
-
-
-# used by task_zsq (issue 16: draft notebook 07); remove when it imports from quant.QuantSetting
-def parse_setting(setting: str) -> tuple[int, int]:
-    """"W8A4" -> (8, 4), checked by `quant.QuantSetting.parse`."""
-    parsed = quant.QuantSetting.parse(setting)
-    return parsed.w_bits, parsed.a_bits
 
 
 def real_batches(dataset, n_batches: int, batch_size: int = 8) -> list[list[torch.Tensor]]:
@@ -209,8 +200,3 @@ def spread(rows: list[dict], by: tuple[str, ...] = ("setting",), value: str = "A
     table = frame.groupby(keys, sort=False, dropna=False)[value].agg(
         mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, min="min", max="max", n="count")
     return table.reset_index()
-
-
-# used by task_zsq (issue 16: draft notebook 07); remove when it imports from helpers.distill (input_size)
-image_size = distill.input_size
-

@@ -21,11 +21,12 @@ def detector():
 @pytest.mark.parametrize("bad", ["W9A8", "W8A1", "8/8", "W8", "w8a8", 8])
 def test_bad_bit_settings_fail_before_any_work(bad):
     with pytest.raises(ValueError, match="bit"):
-        zsq.parse_setting(bad)
+        quant.QuantSetting.parse(bad)
 
 
 def test_parse_setting():
-    assert zsq.parse_setting("W4A8") == (4, 8)
+    setting = quant.QuantSetting.parse("W4A8")
+    assert (setting.w_bits, setting.a_bits) == (4, 8)
 
 
 def test_real_batches_are_consecutive_training_images(tiny_root):
