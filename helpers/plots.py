@@ -829,10 +829,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="tiny", help="manifest batch name (default: tiny)")
     parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
-    parser.add_argument("--seeds", nargs="+", metavar="BATCH",
-                        help="instead: the verdicts of these batches side by side -> table_seeds.{csv,md}")
+    parser.add_argument("--seeds", nargs="*", metavar="BATCH",
+                        help="instead: the verdicts of these batches (default: verdicts.SEED_BATCHES) side by side "
+                             "-> table_seeds.{csv,md}, table_claims_seeds.{csv,md}")
     args = parser.parse_args(argv)
-    if args.seeds:
+    if args.seeds is not None:
+        args.seeds = args.seeds or list(verdicts.SEED_BATCHES)
         try:
             table = verdicts.table_seeds([store.load(b) for b in args.seeds])
         except MissingResults as err:

@@ -4,7 +4,7 @@ Not bit for bit: a training re-made with another CPU kernel family (AVX2 vs AVX-
 draw of the same recipe, so it is judged like one. Every number behind the tiny verdicts
 (`verdicts.seed_numbers`: fine-tuned and pretrained mAP, the W8A8 gaps, ...) of the batch in
 `results/` must lie within `K` standard deviations of the committed batch's, the deviation taken
-over the committed seed batches (`tiny`, `tiny_seed1`, `tiny_seed2`: three draws of data and
+over the committed seed batches (`verdicts.SEED_BATCHES`: seed 0 and four more draws of data and
 initialisation). Every verdict string of `table_seeds` that is the same in all committed seed
 batches (a stable verdict) must come out the same; verdicts that already move between seeds are
 listed, not judged.
@@ -28,7 +28,7 @@ import numpy as np
 from helpers import store, verdicts
 from helpers.runs import ROOT, atomic_write_json, cpu_info
 
-SEED_BATCHES = ("tiny", "tiny_seed1", "tiny_seed2")
+SEED_BATCHES = verdicts.SEED_BATCHES
 K = 2.0
 
 
