@@ -429,7 +429,7 @@ def distill_or_load(run, model, snapshot_at: list[int], num_images: int, batch_s
         done = distill(model, num_images=size, batch_size=size, snapshot_at=tuple(snapshot_at),
                        snapshot_images=size, seed=seed * 1000 + k, progress=False, **config)
         bar.update()
-        done.images, done.snapshots = done.images.cpu(), {k: v.cpu() for k, v in done.snapshots.items()}
+        done.images, done.snapshots = done.images.cpu(), {at: v.cpu() for at, v in done.snapshots.items()}
         return done  # on the CPU, as a rerun loads it (and as ranks exchange it)
 
     # under torchrun each rank distils every world-size-th batch (each seeded by its index, so the
