@@ -185,26 +185,32 @@ def export_qdq(model: RetinaNet, path: str | Path, example: torch.Tensor | None 
     onnx.checker. Returns {"path", "bytes", "qdq_pairs", "int8_weights", "int32_biases", "convs"}."""
     import onnx
     check_exportable(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_input(model) if example is None else example
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad(), layer_mode(model, "qdq"):
-            _torch_export(_graph(model, part), raw, example)
-        graph_model = onnx.load(str(raw))
+    graph_model = _exported(model, "qdq", part, example)
     counts = fold_weights(graph_model)
     compact_names(graph_model)
     onnx.checker.check_model(graph_model, full_check=True)
-    _atomic_onnx(graph_model, path)
+    path = _atomic_onnx(graph_model, Path(path))
     return {"path": str(path), "bytes": path.stat().st_size, **counts}
 
 
-def _atomic_onnx(model_proto, path: Path) -> None:
+def _exported(model: RetinaNet, mode: str, part: str, example: torch.Tensor | None):
+    """The ONNX proto torch's exporter writes for `part` of the model in layer `mode` ("qdq" | "float")."""
     import onnx
+    example = example_input(model) if example is None else example
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), layer_mode(model, mode):
+            _torch_export(_graph(model, part), raw, example)
+        return onnx.load(str(raw))
+
+
+def _atomic_onnx(model_proto, path: Path) -> Path:
+    import onnx
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     onnx.save(model_proto, str(tmp))
     os.replace(tmp, path)
+    return path
 
 
 def constant_value(name: str, inits: dict, producer: dict) -> np.ndarray | None:
@@ -463,16 +469,9 @@ def export_float(model: RetinaNet, path: str | Path, example: torch.Tensor | Non
     """FP32 ONNX of backbone + head; a fake-quant model exports with float activations and its
     on-grid weights (the input of `quantize_ort(pin_scales=True)`)."""
     import onnx
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_input(model) if example is None else example
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad(), layer_mode(model, "float"):
-            _torch_export(_graph(model, part), raw, example)
-        graph_model = compact_names(onnx.load(str(raw)))
+    graph_model = compact_names(_exported(model, "float", part, example))
     onnx.checker.check_model(graph_model)
-    _atomic_onnx(graph_model, path)
+    path = _atomic_onnx(graph_model, Path(path))
     return {"path": str(path), "bytes": path.stat().st_size}
 
 

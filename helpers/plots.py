@@ -185,10 +185,15 @@ def fig_task_zsq_map_vs_bits(stored: Stored):
 
 def table_task_zsq_claims(stored: Stored) -> pd.DataFrame:
     """Notebook 07's claims of the task-specific ZSQ paper: cell, the paper's effect, ours, the rule, the verdict."""
-    claims = _task_zsq_run(stored).metrics().get("claims")
+    return _stored_claims(_task_zsq_run(stored), ["claim", "cell", "paper", "ours", "rule", "verdict"])
+
+
+def _stored_claims(run: runs.Run, columns: list[str]) -> pd.DataFrame:
+    """The claims a companion-paper notebook stored in its metrics, as a table."""
+    claims = run.metrics().get("claims")
     if not claims:
-        raise MissingResults(f"the 07 run of batch {stored.batch!r} stored no claims")
-    return pd.DataFrame(claims)[["claim", "cell", "paper", "ours", "rule", "verdict"]]
+        raise MissingResults(f"the {run.notebook} run {run.id} stored no claims")
+    return pd.DataFrame(claims)[columns]
 
 
 def _spmixq_run(stored: Stored) -> runs.Run:
@@ -222,10 +227,7 @@ def table_spmixq_pareto(stored: Stored, part: str) -> pd.DataFrame:
 
 def table_spmixq_claims(stored: Stored) -> pd.DataFrame:
     """Notebook 08's claims of the SPMix-Q paper with our measurement and verdict, as the run stored them."""
-    claims = _spmixq_run(stored).metrics().get("claims")
-    if not claims:
-        raise MissingResults(f"the 08 run of batch {stored.batch!r} stored no claims")
-    return pd.DataFrame(claims)[["claim", "paper", "ours", "verdict"]]
+    return _stored_claims(_spmixq_run(stored), ["claim", "paper", "ours", "verdict"])
 
 
 DFMPC_COLUMNS = ("part", "setting", "top1", "AP", "AP50", "size_mb", "mean_c", "sd_c")
