@@ -241,13 +241,13 @@ def stored_row(source: str, seed: int = 0, data_root: str = "data/tiny", setting
     if len(found) != 1:
         return None
     rows = [r for r in runs.read_jsonl(found[0].path("rows.jsonl"))
-            if r.get("setting") == setting and r.get("batch") == batch and "scheme" not in r]
+            if r.get("setting") == setting and r.get("batch") == batch and r.get("scheme", "symmetric") == "symmetric"]
     if not rows:
         return None
     final = max((r["iteration"] for r in rows if r["iteration"] is not None), default=None)
     row = next(r for r in rows if r["iteration"] == final)
     by_batch = {r["batch"]: r["AP"] for r in runs.read_jsonl(found[0].path("rows.jsonl"))  # a repeated row counts once
-                if r.get("setting") == setting and r.get("iteration") == final and "scheme" not in r}
+                if r.get("setting") == setting and r.get("iteration") == final and r.get("scheme", "symmetric") == "symmetric"}
     spread = list(by_batch.values())
     return {"run": found[0].id, "AP": row["AP"], "AP50": row["AP50"], "first_layer_amax": row["first_layer_amax"],
             "batches": len(spread), "batch_std": statistics.stdev(spread) if len(spread) > 1 else 0.0}

@@ -160,14 +160,23 @@ def done_keys(rows: list[dict]) -> set[tuple]:
     return {(r["setting"], r["iteration"], r["batch"]) for r in rows}
 
 
+def setting_labels(setting: quant.QuantSetting) -> dict:
+    """What a result row records of its calibration: calibrator, percentile (percentile calibrator
+    only, else None) and scheme. Rows stored before Dec 2026 lack these fields; their run's
+    parameters say the same (`compare.collect_rows` labels them from there)."""
+    return {"calibrator": setting.calibrator,
+            "percentile": setting.percentile if setting.calibrator == "percentile" else None,
+            "scheme": setting.scheme}
+
+
 def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bool, val_set,
              settings: list[quant.QuantSetting | str], rows_path: Path, progress: bool | None = None) -> list[dict]:
     """Evaluate every (setting, iteration, batch) not yet in `rows_path`, appending one row each.
 
     `settings`: `quant.QuantSetting`s (a "W8A4" string means the default calibration), all checked
     before any row. `batches_by_iteration` maps a distillation iteration (None for real/noise
-    sources) to its batches. A row is keyed by the setting's name; an asymmetric setting's rows say
-    so (`"scheme": "asymmetric"`). Returns all rows, old and new, in grid order.
+    sources) to its batches. A row is keyed by the setting's name and names its calibration
+    (`setting_labels`). Returns all rows, old and new, in grid order.
     """
     settings = [quant.QuantSetting.of(s) for s in settings]
     by_name = {s.name: s for s in settings}
@@ -183,9 +192,7 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
         if name != copy_setting:
             copy_setting, copy = name, setting.quantize(model)
         result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting, quantized=copy)
-        row = {"setting": name, "iteration": iteration, "batch": b, **result}
-        if not setting.symmetric:  # rows made before the scheme was a parameter are all symmetric
-            row["scheme"] = setting.scheme
+        row = {"setting": name, "iteration": iteration, "batch": b, **result, **setting_labels(setting)}
         runs.append_jsonl(rows_path, row)
         rows.append(row)
     by_key = {(r["setting"], r["iteration"], r["batch"]): r for r in rows}

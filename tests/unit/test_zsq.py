@@ -152,10 +152,13 @@ def test_noise_sources_are_seeded_and_fed_as_the_docstring_says(detector):
         zsq.noise_batches("pink", 1, 2, detector, 0)
 
 
-def test_an_asymmetric_grid_marks_its_rows(detector, val_set, tmp_path):
+def test_grid_rows_name_their_calibrator_percentile_and_scheme(detector, val_set, tmp_path):
     batches = {None: zsq.gaussian_batches(1, 2, distill.input_size(detector), 0)}
     asymmetric = quant.QuantSetting.parse("W8A4", symmetric=False)
     rows = zsq.run_grid(detector, batches, True, val_set, [asymmetric], tmp_path / "rows.jsonl")
-    assert rows[0]["scheme"] == "asymmetric"
+    assert (rows[0]["scheme"], rows[0]["calibrator"], rows[0]["percentile"]) == ("asymmetric", "percentile", 99.99)
     sym = zsq.run_grid(detector, batches, True, val_set, ["W8A4"], tmp_path / "sym.jsonl")
-    assert "scheme" not in sym[0]
+    assert sym[0]["scheme"] == "symmetric"
+    mse = zsq.run_grid(detector, batches, True, val_set, [quant.QuantSetting.parse("W8A4", "mse")], tmp_path / "mse.jsonl")
+    assert (mse[0]["calibrator"], mse[0]["percentile"]) == ("mse", None)
+    assert runs.read_jsonl(tmp_path / "mse.jsonl") == mse  # what is stored names it too
