@@ -1,7 +1,8 @@
 """Put the calibration runs of notebook 04 side by side and check the paper's claims against them.
 
 Everything here reads stored results (`results/04_quantize_evaluate/*/rows.jsonl`, the runs'
-metrics.json and `references/papers.yaml`); nothing is recomputed. mAP is in points
+metrics.json and `references/papers.yaml`); nothing is recomputed. Notebook 06 stores the rows it
+compared (`write_rows`), and the figures read those (`helpers.store`), not 04's files. mAP is in points
 (COCO mAP@[.5:.95] x 100), as the paper prints it.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,15 +107,36 @@ def colour_of_previews(previews: dict[str, dict[int, np.ndarray]]) -> pd.DataFra
     return pd.DataFrame(records)
 
 
+ROWS_FILE = "compared_rows.jsonl"  # in the notebook 06 run: every row it compared, labelled (`write_rows`)
+LABELS = ("calibrator", "percentile", "scheme")  # what a row records of its calibration (`zsq.setting_labels`)
+
+
+def _labels(params: dict) -> dict:
+    """A 04 run's calibration, as its rows record it: the run's parameters say it for rows stored
+    before the rows named it themselves."""
+    calibrator = params.get("CALIBRATOR", "percentile")
+    return {"calibrator": calibrator, "percentile": params.get("PERCENTILE", 99.99) if calibrator == "percentile" else None,
+            "scheme": "symmetric" if params.get("SYMMETRIC", True) else "asymmetric"}
+
+
 def collect_rows(calibration: list[runs.Run]) -> pd.DataFrame:
-    """Every measured row of every run, labelled with detector stage and source; mAP in points.
+    """Every measured row of every run, labelled with detector stage, source, calibrator, percentile
+    and scheme; mAP in points.
 
     `final` marks rows calibrated with a source's final images (all rows of real and Gaussian runs;
-    for distilled runs the last distillation iteration), as opposed to iteration-sweep rows.
+    for distilled runs the last distillation iteration), as opposed to iteration-sweep rows. A row
+    whose own calibration label disagrees with its run's parameters fails (the run folder was mixed up).
     """
     frames = []
     for run in calibration:
-        frame = pd.DataFrame(runs.read_jsonl(run.path("rows.jsonl")))
+        stored = runs.read_jsonl(run.path("rows.jsonl"))
+        labels = _labels(run.params)
+        for row in stored:
+            wrong = {k: row[k] for k in LABELS if k in row and row[k] != labels[k]}
+            if wrong:
+                raise ValueError(f"run {run.id}: a row says {wrong}, its parameters say {labels}: "
+                                 f"the rows.jsonl of another run was copied into {run.dir}")
+        frame = pd.DataFrame([{**row, **labels} for row in stored])
         if frame.empty:
             continue
         frame["stage"], frame["source"], frame["run_id"] = run.params["STAGE"], source_label(run.params), run.id
@@ -123,27 +146,59 @@ def collect_rows(calibration: list[runs.Run]) -> pd.DataFrame:
     if not frames:
         raise FileNotFoundError("no finished 04_quantize_evaluate runs: run the batch first (`make reproduce`)")
     rows = pd.concat(frames, ignore_index=True)
-    # a row measured again by a newer run (same detector, source, setting, batch and iteration) counts once
-    rows = rows.drop_duplicates(["stage", "source", "setting", "batch", "iteration"], keep="last", ignore_index=True)
+    # a row measured again by a newer run (same detector, source, calibration, setting, batch and iteration) counts once
+    rows = rows.drop_duplicates(["stage", "source", *LABELS, "setting", "batch", "iteration"], keep="last",
+                                ignore_index=True)
     rows["mAP"] = rows["AP"] * 100
     return rows
 
 
-CALIBRATOR_SOURCES = ("real", "distilled", "gaussian")
+def write_rows(path: Path, rows: pd.DataFrame) -> Path:
+    """Store compared rows (notebook 06: `ROWS_FILE` in its run), so figures read them instead of 04's files."""
+    exact = [{k: None if _missing(v) else (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+             for row in rows.to_dict(orient="records")]  # every float to the bit (`records` keeps 10 digits)
+    return runs.write_jsonl(path, exact, sort_keys=False)
 
 
-def calibrator_table(setting: str, stage: str = "finetune", **match) -> pd.DataFrame:
+def _missing(value) -> bool:
+    return not isinstance(value, (dict, list)) and bool(pd.isna(value))
+
+
+def read_rows(path: Path, calibrator: str | None = None) -> pd.DataFrame:
+    """Rows stored by `write_rows` (only those of `calibrator` when given), as `collect_rows` gives them."""
+    rows = pd.DataFrame([r for r in runs.read_jsonl(path) if calibrator is None or r["calibrator"] == calibrator])
+    rows["final"] = rows["final"].astype(bool)
+    for column, kind in (("iteration", int), ("percentile", float)):
+        if column in rows and rows[column].isna().any():  # None beside numbers: collect_rows keeps objects, not NaN
+            rows[column] = pd.Series([None if pd.isna(v) else kind(v) for v in rows[column]], index=rows.index, dtype=object)
+    return rows
+
+
+def detectors(calibration: list[runs.Run]) -> dict[str, dict]:
+    """Per detector stage: FP32 mAP (points) and model size (`quant.model_size`) as the 04 runs measured
+    them on their validation images. Runs of one stage that disagree fail (two VAL_LIMITs in one batch)."""
+    out = {}
+    for run in calibration:
+        metrics, stage = run.metrics(), run.params["STAGE"]
+        value = metrics["fp32"]["AP"] * 100
+        if stage in out and abs(out[stage]["fp32_mAP"] - value) > 1e-6:
+            raise ValueError(f"runs of stage {stage} evaluated FP32 on different validation images "
+                             f"({out[stage]['fp32_mAP']:.3f} vs {value:.3f}): use one VAL_LIMIT for the whole batch")
+        out[stage] = {"fp32_mAP": value, "size": metrics["size"]}
+    return out
+
+
+CALIBRATOR_SOURCES = ("real", "distilled mean", "gaussian")  # the paper's three, as `source_label` names them
+
+
+def calibrator_table(rows: pd.DataFrame, setting: str, stage: str = "finetune") -> pd.DataFrame:
     """mAP (points) per activation calibrator and source at one setting, over the calibration batches
-    that every (calibrator, source) pair measured, so each cell averages the same images."""
-    frames = []
-    for run in runs.list_runs("04_quantize_evaluate", STAGE=stage, **match):
-        if (run.params.get("DISTILL_CLAMP", True) is False or run.params.get("DISTILL_LOSS", "mean") != "mean"
-                or run.params["SOURCE"] not in CALIBRATOR_SOURCES or not run.params.get("SYMMETRIC", True)):
-            continue  # the paper's three sources under the one scheme every calibrator supports
-        frame = collect_rows([run])
-        frame = frame[frame["final"] & (frame["setting"] == setting)].assign(calibrator=run.params["CALIBRATOR"])
-        frames.append(frame)
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    that every (calibrator, source) pair measured, so each cell averages the same images.
+
+    `rows`: `collect_rows` of runs with several calibrators; only the paper's three sources (mean-only
+    clamped distillation) under the symmetric scheme, the one every calibrator supports, are compared."""
+    rows = rows[(rows["stage"] == stage) & rows["source"].isin(CALIBRATOR_SOURCES) & (rows["scheme"] == "symmetric")
+                & rows["final"] & (rows["setting"] == setting)]
     if rows.empty:
         raise FileNotFoundError(f"no finished 04_quantize_evaluate runs of the {stage} detector at {setting}")
     shared = set.intersection(*(set(g["batch"]) for _, g in rows.groupby(["calibrator", "source"])))
@@ -225,19 +280,6 @@ def calibrator_rankings(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def fp32_map(calibration: list[runs.Run]) -> dict[str, float]:
-    """FP32 mAP (points) per stage, as measured by the calibration runs on their validation images."""
-    out = {}
-    for run in calibration:
-        value = run.metrics()["fp32"]["AP"] * 100
-        stage = run.params["STAGE"]
-        if stage in out and abs(out[stage] - value) > 1e-6:
-            raise ValueError(f"runs of stage {stage} evaluated FP32 on different validation images "
-                             f"({out[stage]:.3f} vs {value:.3f}): use one VAL_LIMIT for the whole batch")
-        out[stage] = value
-    return out
-
-
 def spread_table(rows: pd.DataFrame, by=("stage", "source", "setting")) -> pd.DataFrame:
     """mean, std (ddof 1), min, max and count of mAP (points) over calibration batches, final images only."""
     final = rows[rows["final"]]
@@ -246,11 +288,12 @@ def spread_table(rows: pd.DataFrame, by=("stage", "source", "setting")) -> pd.Da
     return table
 
 
-def table1(rows: pd.DataFrame, calibration: list[runs.Run], source: str = "distilled mean") -> pd.DataFrame:
-    """Paper Table 1: FP32 and W8A8 zero-shot (mean-only) mAP and model size for both detectors, ours beside the paper's."""
+def table1(rows: pd.DataFrame, measured: dict[str, dict], source: str = "distilled mean") -> pd.DataFrame:
+    """Paper Table 1: FP32 and W8A8 zero-shot (mean-only) mAP and model size for both detectors, ours
+    beside the paper's. `measured`: `detectors(calibration)`."""
     reference = paper_reference()["table1"]
-    fp32 = fp32_map(calibration)
-    sizes = {r.params["STAGE"]: r.metrics()["size"] for r in calibration}
+    fp32 = {stage: d["fp32_mAP"] for stage, d in measured.items()}
+    sizes = {stage: d["size"] for stage, d in measured.items()}
     stats = spread_table(rows).set_index(["stage", "source", "setting"])
     records = []
     for stage in ("pretrain", "finetune"):
@@ -464,11 +507,12 @@ CLAIMS = (
 )
 
 
-def claims(rows: pd.DataFrame, calibration: list[runs.Run], pixel_spread: dict[str, float] | None = None,
+def claims(rows: pd.DataFrame, measured: dict[str, dict], pixel_spread: dict[str, float] | None = None,
            colour_change: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Each claim of the paper, its number and effect, ours, and the verdict by the stated rule."""
-    context = ClaimContext(spread_table(rows), fp32_map(calibration),
-                           {r.params["STAGE"]: r.metrics()["size"]["ratio"] for r in calibration},
+    """Each claim of the paper, its number and effect, ours, and the verdict by the stated rule.
+    `measured`: `detectors(calibration)` (FP32 mAP and sizes)."""
+    context = ClaimContext(spread_table(rows), {stage: d["fp32_mAP"] for stage, d in measured.items()},
+                           {stage: d["size"]["ratio"] for stage, d in measured.items()},
                            paper_reference(), pixel_spread, colour_change)
     return pd.DataFrame([row for rule in CLAIMS if (row := rule(context)) is not None])
 

@@ -1,10 +1,10 @@
 """The paper's tables and figures, drawn only from stored results: `python -m helpers.plots [--batch tiny]`.
 
 What a batch stored is read by `helpers.store` (`store.load(batch)` gives a `Stored` bundle: the
-comparison run of notebook 06, the rows of the 04 runs it compared, the 03 loss curves and
+comparison run of notebook 06 with the rows it compared and stored, the 03 loss curves and
 previews, the 05 DF-MPC run); the seed verdicts and claims over seeds are `helpers.verdicts`'.
-Nothing is recomputed; the only arithmetic is arranging stored numbers (and mAP x 100, the paper's
-points, done where the rows are read, by `helpers.compare.collect_rows`).
+Nothing is recomputed; the only arithmetic is arranging stored numbers (mAP is in the paper's
+points already in the rows notebook 06 stored, `helpers.compare.collect_rows`).
 
 The paper's own numbers come from `references/papers.yaml` and are always shown beside ours
 with both sides named: ours with the batch's profile (`tiny`: a small RetinaNet on synthetic data,

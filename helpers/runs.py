@@ -101,9 +101,10 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         fh.write((("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n").encode())
 
 
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    """Replace a JSONL file atomically (e.g. to drop epochs a restarted training will log again)."""
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+def write_jsonl(path: str | Path, records: list[dict], sort_keys: bool = True) -> Path:
+    """Replace a JSONL file atomically (e.g. to drop epochs a restarted training will log again).
+    `sort_keys=False` keeps each record's key order (a table's column order)."""
+    text = "".join(json.dumps(r, sort_keys=sort_keys) + "\n" for r in records)
     return _atomic(Path(path), lambda fh: fh.write(text.encode()))
 
 

@@ -1,8 +1,8 @@
 """What a batch stored, read once for the figures, tables and seed verdicts: `store.load(batch)`.
 
 Everything is read from `results/` through the manifest a batch writes (`results/manifest.json`,
-see `helpers.batch`): the comparison run of notebook 06 (its stored tables), the per-batch rows of
-the notebook 04 runs it compared (through `helpers.compare.collect_rows`, mAP in points), the loss
+see `helpers.batch`): the comparison run of notebook 06 (its stored tables, and the per-batch rows
+of the notebook 04 runs it compared, labelled and in mAP points: `compare.ROWS_FILE`), the loss
 curves, pixel statistics and image previews of the notebook 03 runs, and the DF-MPC run of
 notebook 05 when the batch has one. Nothing is recomputed. What is absent is recorded with the
 reason, and `Stored.need` raises `MissingResults` with it when an artifact needs that part.
@@ -36,12 +36,11 @@ class Stored:
     """What one batch stored, as the figures need it. mAP in points (x 100), as the paper prints it."""
     batch: str
     profile: str
-    comparison: dict | None = None                  # metrics.json of the 06 run: table1, spread, sweep, claims, runs
-    rows: pd.DataFrame | None = None                # every quantized evaluation of the compared 04 runs
+    comparison: dict | None = None                  # metrics.json of the 06 run: table1, spread, sweep, claims, detectors, runs
+    rows: pd.DataFrame | None = None                # the quantized evaluations 06 compared (its stored rows)
     distillations: list[dict] = field(default_factory=list)  # per 03 run: stage, loss, clamp, curves, preview, ...
     detectors: dict = field(default_factory=dict)   # stage -> params of its 02 run
     calibration: dict = field(default_factory=dict)  # run id -> params of the compared 04 runs
-    calibration_runs: list = field(default_factory=list)  # the compared 04 runs themselves
     dfmpc: dict | None = None                       # metrics.json of the 05 run
     missing: dict = field(default_factory=dict)     # what is absent and why: "comparison", "rows", "distillation", "dfmpc"
 
@@ -143,17 +142,16 @@ def load(batch: str = "tiny", profile: str | None = None) -> Stored:
         stored.missing["comparison"] = f"batch {batch!r} has no stored 06_compare_calibration run"
     else:
         stored.comparison = comparison.metrics()
-    calibration = [run_of(e) for e in entries if e["notebook"] == "04_quantize_evaluate"]
-    if stored.comparison:  # exactly the runs the comparison compared, so figures and tables agree
-        listed = stored.comparison.get("runs", [])
-        compared = set(listed.values() if isinstance(listed, dict) else listed)  # dict: results before Nov 2026
-        calibration = [r for r in calibration if r.id in compared]
-    if calibration:
-        stored.rows = compare.collect_rows(calibration)
-        stored.calibration = {r.id: r.params for r in calibration}
-        stored.calibration_runs = calibration
-    else:
-        stored.missing["rows"] = f"batch {batch!r} has no stored 04_quantize_evaluate run"
+    if comparison is None:
+        stored.missing["rows"] = stored.missing["comparison"]
+    elif not comparison.path(compare.ROWS_FILE).exists():
+        stored.missing["rows"] = (f"the 06_compare_calibration run {comparison.id} of batch {batch!r} stored no "
+                                  f"{compare.ROWS_FILE} (made before Dec 2026): make it again with "
+                                  f"`python -m helpers.batch params/{batch}.yaml --only 06_compare_calibration --force`")
+    else:  # exactly the rows the comparison compared, so figures and tables agree with notebook 06
+        stored.rows = compare.read_rows(comparison.path(compare.ROWS_FILE), comparison.params.get("CALIBRATOR", "percentile"))
+        compared = set(stored.rows["run_id"])
+        stored.calibration = {e["run_id"]: e["params"] for e in entries if e["run_id"] in compared}
     for entry in entries:
         if entry["notebook"] != "03_distill_calibration_data":
             continue

@@ -83,7 +83,7 @@ def claim_verdict(claim: dict) -> str:
 
 
 def stored_claims(stored: Stored) -> list[dict]:
-    """The paper's claims judged by today's rules (`compare.claims`) on the batch's stored 04 rows, 03
+    """The paper's claims judged by today's rules (`compare.claims`) on the rows notebook 06 stored, 03
     pixel statistics and previews: the same as notebook 06 computes, without its run (a batch whose
     06 ran before a rule changed is judged by the new rule, from what it stored)."""
     if stored.rows is None:
@@ -95,7 +95,7 @@ def stored_claims(stored: Stored) -> list[dict]:
             pixel[d["stage"]] = stats[max(stats, key=int)]["channel_spread"]
             previews[d["stage"]] = d["preview"]
     colour = compare.colour_of_previews(previews) if all(previews.values()) and previews else None
-    return compare.records(compare.claims(stored.rows, stored.calibration_runs, pixel, colour))
+    return compare.records(compare.claims(stored.rows, stored.comparison["detectors"], pixel, colour))
 
 
 def table_claims_over_seeds(storeds: list[Stored]) -> pd.DataFrame:

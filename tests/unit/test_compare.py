@@ -33,7 +33,11 @@ def test_calibrator_table_compares_the_same_batches_of_every_source():
         for source in ("real", "distilled", "gaussian"):
             _calibration("finetune", source, rng, settings=("W8A4",), calibrator=calibrator)
     _calibration("finetune", "distilled", rng, settings=("W8A4",), loss="mean+std")  # not a calibrator row
-    table = compare.calibrator_table("W8A4", CALIB_BATCH=8)
+    rows = compare.collect_rows(compare.calibration_runs(CALIB_BATCH=8))
+    assert set(rows["calibrator"]) == {"max", "percentile", "mse"}
+    assert set(rows.loc[rows["calibrator"] == "percentile", "percentile"]) == {99.99}
+    assert rows.loc[rows["calibrator"] != "percentile", "percentile"].isna().all()
+    table = compare.calibrator_table(rows, "W8A4")
     assert table["calibrator"].tolist() == ["max"] * 3 + ["percentile"] * 3 + ["mse"] * 3
     assert table["source"].tolist()[:3] == ["real", "distilled mean", "gaussian"]
     assert (table["count"] == FINAL_BATCHES["finetune"]).all()
@@ -45,7 +49,24 @@ def test_calibrator_table_compares_the_same_batches_of_every_source():
     assert rankings["calibrator"].tolist() == ["max", "percentile", "mse"]
     assert all(len(r.split(" > ")) == 3 for r in rankings["ranking"])
     with pytest.raises(FileNotFoundError, match="W4A4"):
-        compare.calibrator_table("W4A4")
+        compare.calibrator_table(rows, "W4A4")
+
+
+def test_a_row_whose_label_contradicts_its_run_fails():
+    entry = _calibration("finetune", "real", np.random.default_rng(2), settings=("W8A8",), calibrator="mse")
+    path = runs.results_dir() / entry["path"] / "rows.jsonl"
+    rows = runs.read_jsonl(path)
+    runs.write_jsonl(path, [{**rows[0], "calibrator": "percentile", "percentile": 99.99}, *rows[1:]])
+    with pytest.raises(ValueError, match="another run"):
+        compare.collect_rows(compare.calibration_runs())
+
+
+def test_stored_rows_read_back_as_collected(tmp_path):
+    rng = np.random.default_rng(3)
+    for source in ("distilled", "real"):
+        _calibration("finetune", source, rng)
+    rows = compare.collect_rows(compare.calibration_runs())
+    pd.testing.assert_frame_equal(compare.read_rows(compare.write_rows(tmp_path / compare.ROWS_FILE, rows)), rows)
 
 
 def test_range_ratios_group_layers_by_detector_part():

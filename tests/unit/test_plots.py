@@ -75,15 +75,17 @@ def tree():
                    _calibration("pretrain", "distilled", rng, settings=("W8A8",)),
                    _calibration("pretrain", "distilled", rng, loss="mean+std", settings=("W8A8",)),
                    _calibration("pretrain", "gaussian", rng, settings=("W8A8",))]
-    stale = _calibration("finetune", "real", rng, calibrator="max")
+    stale = _calibration("finetune", "real", rng, calibrator="max")  # another calibrator: only in the calibrator probe
     compared = [runs.Run(e["notebook"], e["params"], runs.results_dir() / e["path"]) for e in calibration]
     rows = compare.collect_rows(compared)
-    spread = compare.spread_table(rows)
-    comparison = {"table1": compare.records(compare.table1(rows, compared)), "spread": compare.records(spread),
-                  "sweep": compare.records(compare.sweep_table(rows)), "claims": compare.records(compare.claims(rows, compared)),
-                  "calibrators": compare.records(compare.calibrator_table("W4A4")),
-                  "runs": [r.id for r in compared]}
-    entries += [stale] + calibration + [_write_run("06_compare_calibration", {"PROFILE": "tiny", "SEED": 0}, comparison)]
+    probe_rows = compare.collect_rows([store.run_of(stale), *compared])
+    spread, measured = compare.spread_table(rows), compare.detectors(compared)
+    comparison = {"table1": compare.records(compare.table1(rows, measured)), "spread": compare.records(spread),
+                  "sweep": compare.records(compare.sweep_table(rows)), "claims": compare.records(compare.claims(rows, measured)),
+                  "calibrators": compare.records(compare.calibrator_table(probe_rows, "W4A4")),
+                  "detectors": measured, "runs": [r.id for r in compared]}
+    entries += [stale] + calibration + [_write_run("06_compare_calibration", {"PROFILE": "tiny", "SEED": 0}, comparison,
+                                                   {compare.ROWS_FILE: lambda p: compare.write_rows(p, probe_rows)})]
     runs.atomic_write_json(runs.results_dir() / "manifest.json", {"batches": {"tiny": entries}})
     return {"entries": entries, "calibration": calibration, "stale": stale}
 
@@ -99,14 +101,25 @@ def _rows(entry: dict) -> list[dict]:
     return runs.read_jsonl(runs.results_dir() / entry["path"] / "rows.jsonl")
 
 
+def _rows_file():
+    return next(runs.results_dir().glob(f"06_compare_calibration/*/{compare.ROWS_FILE}"))
+
+
 def _comparison() -> dict:
     return json.loads(next(runs.results_dir().glob("06_compare_calibration/*/metrics.json")).read_text())
 
 
 def test_load_uses_exactly_the_compared_runs_and_checks_the_profile(tree):
     stored = store.load("tiny", "tiny")
-    assert set(stored.rows["run_id"]) == {e["run_id"] for e in tree["calibration"]}  # not the stale run
+    assert set(stored.rows["run_id"]) == {e["run_id"] for e in tree["calibration"]}  # not the other calibrator's run
     assert len(stored.rows) == sum(len(_rows(e)) for e in tree["calibration"])
+    again = compare.collect_rows([store.run_of(e) for e in tree["calibration"]])
+    pd.testing.assert_frame_equal(stored.rows, again)  # the rows 06 stored read back as collect_rows made them
+    assert set(stored.rows["calibrator"]) == {"percentile"} and set(stored.rows["scheme"]) == {"symmetric"}
+    assert set(stored.calibration) == set(stored.rows["run_id"])
+    _rows_file().unlink()  # a comparison made before it stored its rows: the figures say how to make it again
+    with pytest.raises(store.MissingResults, match="--only 06_compare_calibration --force"):
+        store.load("tiny").need("rows")
     assert len(stored.distillations) == 5 and stored.dfmpc is None and "05_compensate_dfmpc" in stored.missing["dfmpc"]
     assert "profile tiny" in stored.ours and "retinanet_test" in stored.ours
     with pytest.raises(ValueError, match="profile"):
