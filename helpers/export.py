@@ -33,7 +33,6 @@ values beyond the clipping range on the negative side change; `narrow_range_effe
 """
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
-from helpers import quant
+from helpers import quant, runs
 
 OPSET = 17
 INPUT_NAME = "images"
@@ -205,12 +204,8 @@ def _exported(model: RetinaNet, mode: str, part: str, example: torch.Tensor | No
 
 
 def _atomic_onnx(model_proto, path: Path) -> Path:
-    import onnx
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model_proto, str(tmp))
-    os.replace(tmp, path)
-    return path
+    """What `onnx.save` writes (the serialised proto; our graphs stay far below protobuf's 2 GB), atomically."""
+    return runs.atomic_write_bytes(path, model_proto.SerializeToString())
 
 
 def constant_value(name: str, inits: dict, producer: dict) -> np.ndarray | None:

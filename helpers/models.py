@@ -143,9 +143,3 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_size_mb(model: nn.Module, bits: int = 32) -> float:
-    """Parameter storage in MiB at `bits` per weight, the paper's Table 1 'Model Size (MB)'.
-
-    The paper's 145.7 MB is exactly 38,198,935 fp32 parameters of the 91-class v2 model in MiB.
-    """
-    return num_parameters(model) * bits / 8 / 2 ** 20

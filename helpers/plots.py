@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -612,18 +611,11 @@ def display_path(path: Path) -> str:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    """`runs`' atomic write (temp file, fsync, `os.replace`), leaving an unchanged file untouched (same bytes:
-    same mtime, no git noise) and giving a new one the permissions a plain write would (mkstemp makes 0600)."""
+    """`runs.atomic_write_bytes`, leaving an unchanged file untouched (same bytes: same mtime, no git noise)."""
     path = Path(path)
     if path.exists() and path.read_bytes() == data:
         return path
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def write(fh) -> None:
-        os.fchmod(fh.fileno(), 0o666 & ~umask)
-        fh.write(data)
-    return runs._atomic(path, write)
+    return runs.atomic_write_bytes(path, data)
 
 
 def save(fig, name: str, out_dir: str | Path = "results/figures") -> list[Path]:

@@ -35,11 +35,16 @@ def resolve_path(path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- atomic writes
 def _atomic(path: Path, write) -> Path:
+    """Write through a temp file, fsync and `os.replace`; the file gets the permissions a plain
+    write would (the umask's), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -81,6 +86,11 @@ def atomic_write_json(path: str | Path, data: Any, digits: int | None = None) ->
         data = _rounded(data, digits)
     text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
     return _atomic(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` atomically (no half-written file, the previous one intact if the write fails)."""
+    return _atomic(Path(path), lambda fh: fh.write(data))
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:

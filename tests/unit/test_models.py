@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import models, train
+from helpers import models, quant, train
 
 
 @pytest.mark.parametrize("arch", ["retinanet_resnet18_fpn_tiny", "retinanet_resnet18_half_fpn_tiny"])
@@ -37,9 +37,9 @@ def test_paper_builder_constructs_offline_with_the_papers_sizes():
     coco = models.build_detector("retinanet_resnet50_fpn_v2", 91, 512, 640)
     flir = models.build_detector("retinanet_resnet50_fpn_v2", 4, 512, 640)
     # paper Table 1: 145.7 MB (COCO, 91 classes) and 138.8 MB (FLIR, 3 classes + background)
-    assert round(models.model_size_mb(coco), 1) == 145.7
-    assert round(models.model_size_mb(flir), 1) == 138.8
-    assert models.model_size_mb(flir, bits=8) == pytest.approx(models.model_size_mb(flir) / 4)
+    assert round(quant.model_size(coco), 1) == 145.7
+    assert round(quant.model_size(flir), 1) == 138.8
+    assert quant.model_size(flir, bits=8) == pytest.approx(quant.model_size(flir) / 4)
     assert coco.transform.min_size == (512,) and coco.transform.max_size == 640
 
 

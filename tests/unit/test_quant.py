@@ -310,7 +310,7 @@ def test_loader_batches_and_layer_overrides(tiny):
 def test_model_size_is_about_a_quarter(tiny, w8a8):
     q, _ = w8a8
     report = quant.size_report(tiny, q)
-    assert report["fp32_mib"] == pytest.approx(models.model_size_mb(tiny), rel=0.02)
+    assert report["fp32_mib"] == pytest.approx(quant.model_size(tiny), rel=0.02)
     assert 3.8 < report["ratio"] <= 4.0
     q4 = quant.quantize_model(tiny, 4, None)
     packed = quant.size_report(tiny, q4)
@@ -323,7 +323,7 @@ def test_one_model_size_counts_every_parameter_at_its_width():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1, bias=False))
     n = {"0": 8 * 3 * 9, "2": 4 * 8}  # conv weights; the rest: conv 0 bias (8), BN weight and bias (16)
     assert quant.model_size(net) == (n["0"] + n["2"] + 24) * 32 / 8 / 2 ** 20
-    assert quant.model_size(net, bits=8) == quant.model_size(net) / 4  # models.model_size_mb's reading
+    assert quant.model_size(net, bits=8) == quant.model_size(net) / 4  # every parameter at 8 bits
     mixed = quant.model_size(net, {"0": "ternary", "2": 6}, unit="KiB")
     assert mixed == (n["0"] * 2 + n["2"] * 6 + 24 * 32) / 8 / 1024
     assert quant.model_size(net, {"0": "fp32", "2": None}) == quant.model_size(net)

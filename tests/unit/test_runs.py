@@ -144,3 +144,14 @@ def test_a_parameter_added_later_keeps_the_committed_run_ids_at_its_earlier_beha
     before = {"SOURCE": "real", "SEED": 0}
     assert runs.run_id({**before, "SYMMETRIC": True}) == runs.run_id(before)  # what the notebook always did
     assert runs.run_id({**before, "SYMMETRIC": False}) != runs.run_id(before)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        for path in (runs.atomic_write_json(tmp_path / "a.json", {"a": 1}), runs.atomic_write_bytes(tmp_path / "b.bin", b"\0")):
+            assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(umask)
