@@ -47,20 +47,41 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+_alone = False  # inside `alone()`: this process works as a group of one
+
+
+def _grouped() -> bool:
+    return not _alone and dist.is_available() and dist.is_initialized()
+
+
 def active() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group of more than one process (and not `alone()`)."""
+    return _grouped() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _grouped() else 0
 
 
 _this_rank = rank  # for arguments named `rank`
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _grouped() else 1
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """While inside, this process is a group of one (rank 0 of 1, `active()` False): for a work unit one
+    rank computes by itself while the others compute theirs, so the helpers it calls (an evaluation,
+    which would otherwise split its images over the ranks) run as in a single process and call no
+    collective the other ranks would not join. It must write no files (every rank is a writer here)."""
+    global _alone
+    saved, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = saved
 
 
 def is_writer() -> bool:
@@ -259,8 +280,9 @@ def gather_in_order(pairs: list[tuple[int, R]]) -> list[R]:
 def map_sharded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """[fn(item) for item in items], each item computed on one rank, the list returned on every rank.
 
-    For independent work units: distillation batches (each seeded by its index), calibration batches
-    of a quantization grid. Results must be picklable (tensors are moved to the CPU first)."""
+    For independent work units: distillation batches (each seeded by its index), the cells of a
+    quantization grid. Each `fn(item)` runs `alone()`, as in one process (its evaluation, say, on all
+    the images). Results must be picklable (tensors are moved to the CPU first)."""
     def to_cpu(value):
         if isinstance(value, torch.Tensor):
             return value.cpu()
@@ -269,7 +291,13 @@ def map_sharded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         if isinstance(value, (list, tuple)):
             return type(value)(to_cpu(v) for v in value)
         return value
-    return gather_in_order([(i, to_cpu(fn(item)) if active() else fn(item)) for i, item in shard(items)])
+    if not active():
+        return [fn(item) for item in items]
+
+    def alone_on_cpu(item):  # the item's work is this rank's alone: no collective inside it
+        with alone():
+            return to_cpu(fn(item))
+    return gather_in_order([(i, alone_on_cpu(item)) for i, item in shard(items)])
 
 
 class RankSubset(Dataset):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers import data, distill, evaluate, quant, runs, upstream
+from helpers import config, data, distill, distributed, evaluate, quant, runs, upstream
 
 NOISE_SOURCES = ("gaussian", "gaussian-pixel", "uniform-pixel", "gaussian-512x640", "gaussian-matched")
 SOURCES = ("distilled", "real", *NOISE_SOURCES)
@@ -177,6 +177,12 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     before any row. `batches_by_iteration` maps a distillation iteration (None for real/noise
     sources) to its batches. A row is keyed by the setting's name and names its calibration
     (`setting_labels`). Returns all rows, old and new, in grid order.
+
+    Under torchrun (`python -m helpers.zsq`) the missing cells go out in rounds of one per rank
+    (`distributed.map_sharded`), and rank 0 appends each round's rows in grid order: the file holds
+    the rows one process writes, in its order, and an interrupted run loses at most one round. A
+    cell's row is the same on any rank: each cell calibrates from fresh histograms (a reused copy
+    calibrates like a new one) and evaluates the same images. Every rank returns every row.
     """
     settings = [quant.QuantSetting.of(s) for s in settings]
     by_name = {s.name: s for s in settings}
@@ -184,17 +190,29 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     done = done_keys(rows)
     grid = [(s.name, it, b) for s in settings for it, batches in batches_by_iteration.items() for b in range(len(batches))]
     todo = [key for key in grid if key not in done]
-    kwargs = {"disable": not todo} if progress is None else {"disable": not (progress and todo)}
+    show = bool(todo) and distributed.is_writer() and progress is not False
     val_set = data.Preloaded(val_set) if todo else val_set  # every row evaluates the same images
-    copy_setting, copy = None, None  # the grid is setting-major: quantize weights once per setting
-    for name, iteration, b in tqdm(todo, desc="quantize+evaluate", **kwargs):
+    copies: dict[str, torch.nn.Module] = {}  # the grid is setting-major: quantize weights once per setting (and rank)
+
+    def cell(key: tuple) -> dict:
+        name, iteration, b = key
         setting = by_name[name]
-        if name != copy_setting:
-            copy_setting, copy = name, setting.quantize(model)
-        result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting, quantized=copy)
-        row = {"setting": name, "iteration": iteration, "batch": b, **result, **setting_labels(setting)}
-        runs.append_jsonl(rows_path, row)
-        rows.append(row)
+        if name not in copies:
+            copies.clear()
+            copies[name] = setting.quantize(model)
+        result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
+                               quantized=copies[name])
+        return {"setting": name, "iteration": iteration, "batch": b, **result, **setting_labels(setting)}
+
+    step = distributed.world_size()
+    with tqdm(total=len(todo), desc="quantize+evaluate", disable=not show) as bar:
+        for start in range(0, len(todo), step):
+            for row in distributed.map_sharded(cell, todo[start:start + step]):
+                if distributed.is_writer():
+                    runs.append_jsonl(rows_path, row)
+                rows.append(row)
+            bar.update(min(step, len(todo) - start))
+    distributed.barrier()  # the file is complete before any rank reads it again (the next grid of the run)
     by_key = {(r["setting"], r["iteration"], r["batch"]): r for r in rows}
     return [by_key[key] for key in grid]
 
@@ -207,3 +225,52 @@ def spread(rows: list[dict], by: tuple[str, ...] = ("setting",), value: str = "A
     table = frame.groupby(keys, sort=False, dropna=False)[value].agg(
         mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, min="min", max="max", n="count")
     return table.reset_index()
+
+
+# --------------------------------------------------------------------------- the stage under torchrun (notebook 04)
+NOTEBOOK = "04_quantize_evaluate"
+
+
+def quantize_batch_run(run: dict, device: torch.device) -> None:
+    """Evaluate the grid of one resolved batch run (`helpers.batch.load_batch`) into its run folder's
+    rows.jsonl, from the inputs notebook 04 builds (same helpers, same order); under torchrun the
+    cells are sharded over the ranks (`run_grid`). The notebook, run afterwards, finds every row done."""
+    p = run["params"]
+    settings = [quant.QuantSetting.parse(s, p["CALIBRATOR"], p["PERCENTILE"], p["SYMMETRIC"]) for s in p["SETTINGS"]]
+    folder = runs.results_dir() / NOTEBOOK / run["run_id"]
+    target = runs.open_run(NOTEBOOK, p) if distributed.is_writer() else runs.Run(NOTEBOOK, p, folder)
+    distributed.barrier()
+    config.seed_everything(p["SEED"])
+    detector = upstream.detector_run(p["STAGE"], PROFILE=p["PROFILE"], SEED=p["SEED"], DATA_ROOT=p["DATA_ROOT"])
+    val_set = upstream.validation_set(detector, p["VAL_LIMIT"])
+    model = upstream.load_detector(detector, val_set.num_classes)
+    model = model.to(device) if distributed.active() else model  # alone: the profile's device, as in notebook 04
+    distilled = (upstream.distilled_run(p["STAGE"], p["SEED"], p["DATA_ROOT"], LOSS=p["DISTILL_LOSS"],
+                                        CLAMP=p["DISTILL_CLAMP"]) if p["SOURCE"] == "distilled" else None)
+    batches, sweep, normalized = calibration_batches(p["SOURCE"], detector, model, p["N_BATCHES"], p["CALIB_BATCH"],
+                                                     p["SEED"], distilled, p["SWEEP_ITERATIONS"], p["SWEEP_BATCHES"])
+    run_grid(model, batches, normalized, val_set, settings, target.path("rows.jsonl"))
+    if sweep:
+        run_grid(model, sweep, normalized, val_set, settings[:1], target.path("rows.jsonl"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`[torchrun --nproc-per-node N] python -m helpers.zsq BATCH.yaml [--run K ...]`.
+
+    For each unfinished notebook-04 run of the batch (or the runs numbered K as `helpers.batch BATCH
+    --list` prints them): evaluate its missing grid cells over every process of the group (`run_grid`:
+    each rank every N-th cell, rank 0 appending the rows in grid order), then rank 0 executes notebook
+    04 for it in one process, which finds every row done and finishes the run exactly as in the batch.
+    """
+    import argparse
+
+    from helpers import batch
+    parser = batch.add_distributed_arguments(argparse.ArgumentParser(description=main.__doc__.splitlines()[0]), NOTEBOOK)
+    parser.add_argument("--grid-only", action="store_true", help="evaluate the grid, but do not execute the notebook")
+    args = parser.parse_args(argv)
+    return batch.run_distributed(args.batch, NOTEBOOK, quantize_batch_run, args.run, args.backend,
+                                 execute_notebook=not args.grid_only)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ helpers.train BATCH --train-only --no-augment`, torchrun's module form) on a tin
 fixture images and 2 epochs; the single-process reference is the same command without torchrun.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def test_single_process_helpers_are_the_identity():
     assert distributed.mean_over_ranks({"loss": 2.0}) == {"loss": 2.0}
     assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.per_rank_batch(8) == 8
+    with distributed.alone():
+        assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
 
 
 DISTILL_RUN = {"PROFILE": "tiny", "SEED": 0, "STAGE": "finetune", "NUM_IMAGES": 6, "BATCH_SIZE": 2, "ITERATIONS": 3,
@@ -124,8 +127,12 @@ def _distill(batch_file: Path, results: Path, processes: int, notebook: bool = F
     return folder
 
 
-def _finished_detector(results: Path, run: dict) -> None:
-    """A finished notebook-02 run (untrained tiny weights) for the 03 run to distil from."""
+def _finished_detector(results: Path, run: dict, detecting: bool = False) -> None:
+    """A finished notebook-02 run (untrained tiny weights) for the 03 run to distil from.
+
+    `detecting`: with every score near 0.5 and boxes grown from the anchors to the fixture's tall
+    objects, so the untrained detector has a small mAP (about 0.02 on 4 val images) that each
+    quantized and calibrated copy moves (at its own prior, no detection clears the 0.05 score)."""
     from helpers import batch, train
     os.environ["IRZSQ_RESULTS_DIR"] = str(results)
     try:
@@ -133,6 +140,12 @@ def _finished_detector(results: Path, run: dict) -> None:
         made = runs.open_run("02_train_detector", p)
         torch.manual_seed(0)
         model = models.build_detector(p["ARCH"], 4, p["MIN_SIZE"], p["MAX_SIZE"])
+        if detecting:
+            with torch.no_grad():
+                model.head.classification_head.cls_logits.bias.zero_()
+                deltas = model.head.regression_head.bbox_reg
+                deltas.weight.zero_()
+                deltas.bias.view(-1, 4).copy_(torch.tensor([0.0, 0.0, math.log(4), math.log(10)]))
         made.finish({"stage": p["STAGE"]}, artifacts=[train.save_weights(model, made.path("model.pth"))])
     finally:
         os.environ.pop("IRZSQ_RESULTS_DIR")
@@ -162,3 +175,50 @@ def test_distillation_batches_shard_over_ranks_with_the_single_process_result(tm
     assert curves_two["loss"] == pytest.approx(curves_one["loss"], rel=1e-4)
     assert runs.is_finished(two) and not runs.is_finished(one) and (two / "03_distill_calibration_data.ipynb").exists()
     assert not list(two.glob(".*.tmp"))
+
+
+QUANTIZE_RUN = {"STAGE": "finetune", "SOURCE": "gaussian", "N_BATCHES": 3, "CALIB_BATCH": 2, "SETTINGS": ["W8A8", "W4A4"],
+                "VAL_LIMIT": 4}  # six cells; the first one stored, five left: rounds of two, the last one uneven
+
+
+def _quantize(batch_file: Path, results: Path, processes: int, notebook: bool = False) -> Path:
+    env = dict(os.environ, IRZSQ_RESULTS_DIR=str(results), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                 "--master-port", str(31_500 + os.getpid() % 1000)] if processes > 1 else [sys.executable])
+    done = subprocess.run([*launcher, "-m", "helpers.zsq", str(batch_file), *([] if notebook else ["--grid-only"])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # a rank left waiting hangs
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (folder,) = (results / "04_quantize_evaluate").iterdir()
+    return folder
+
+
+def test_quantize_evaluate_grid_shards_over_ranks_with_the_single_process_rows(tmp_path, tiny_root):
+    """`torchrun --nproc-per-node 2 -m helpers.zsq BATCH`: each rank evaluates every other missing grid cell,
+    rank 0 appends exactly the rows (values, keys, order) one process appends, then executes notebook 04,
+    which evaluates nothing more and finishes the run."""
+    from helpers import batch
+    batch_file = tmp_path / "quantize.yaml"
+    common = {"PROFILE": "tiny", "SEED": 0, "DATA_ROOT": str(tiny_root)}
+    batch_file.write_text("common: " + json.dumps(common) + "\nruns:\n  - notebook: 02_train_detector\n    parameters: "
+                          + json.dumps({"STAGE": "finetune", "EPOCHS": 1}) + "\n  - notebook: 04_quantize_evaluate\n"
+                          "    parameters: " + json.dumps(QUANTIZE_RUN) + "\n")
+    detector = batch.load_batch(batch_file)[0]
+    for results in (tmp_path / "one", tmp_path / "two"):
+        _finished_detector(results, detector, detecting=True)
+    # the two-process run resumes a run interrupted after its first row (one process's row 0)
+    one = _quantize(batch_file, tmp_path / "one", 1)
+    rows_one = read_jsonl(one / "rows.jsonl")
+    (tmp_path / "two" / "04_quantize_evaluate" / one.name).mkdir(parents=True)
+    (tmp_path / "two" / "04_quantize_evaluate" / one.name / "rows.jsonl").write_text(json.dumps(rows_one[0], sort_keys=True) + "\n")
+    two = _quantize(batch_file, tmp_path / "two", 2, notebook=True)
+    assert one.name == two.name
+    grid = [(s, None, b) for s in QUANTIZE_RUN["SETTINGS"] for b in range(QUANTIZE_RUN["N_BATCHES"])]
+    assert [(r["setting"], r["iteration"], r["batch"]) for r in rows_one] == grid
+    assert all(r["AP"] > 0 for r in rows_one) and len({r["AP"] for r in rows_one}) > 3  # each cell its own mAP
+    rows_two = read_jsonl(two / "rows.jsonl")
+    assert rows_two == rows_one  # same rows, keys and order; AP and ranges equal, not close
+    assert (two / "rows.jsonl").read_bytes() == (one / "rows.jsonl").read_bytes()
+    # rank 0 then executed notebook 04, which found every row and finished the run with them
+    assert runs.is_finished(two) and not runs.is_finished(one) and (two / "04_quantize_evaluate.ipynb").exists()
+    assert json.loads((two / "metrics.json").read_text())["rows"] == len(grid)
+    assert read_jsonl(two / "rows.jsonl") == rows_one  # the notebook appended nothing

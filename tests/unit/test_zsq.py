@@ -68,6 +68,17 @@ def test_grid_rows_resume_and_keep_grid_order(detector, val_set, tmp_path):
         zsq.run_grid(detector, batches, True, val_set, ["W8A9"], path)
 
 
+def test_each_grid_row_is_its_cell_measured_alone(detector, val_set, tmp_path):
+    """What sharding the grid over ranks relies on: a row equals its cell quantized, calibrated and
+    evaluated from scratch, whatever cells the same process measured before it."""
+    batches = {None: zsq.gaussian_batches(3, 2, (128, 160), seed=0)}
+    rows = zsq.run_grid(detector, batches, True, val_set, ["W8A4"], tmp_path / "rows.jsonl")
+    assert runs.read_jsonl(tmp_path / "rows.jsonl") == rows  # appended in grid order
+    alone = zsq.quantized_map(detector, batches[None][2], True, val_set, "W8A4")
+    assert {k: rows[2][k] for k in alone} == alone
+    assert rows[2]["first_layer_amax"] != rows[1]["first_layer_amax"]
+
+
 def test_calibration_source_changes_the_first_layer_range(detector, val_set):
     noise = zsq.gaussian_batches(1, 2, (128, 160), seed=0)[0]
     wide = zsq.quantized_map(detector, noise * 4, True, val_set, "W8A8")
