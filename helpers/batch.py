@@ -210,6 +210,16 @@ def run_distributed(batch_file: str | Path, notebook: str, work, positions: list
     return 0
 
 
+def distributed_main(argv: list[str] | None, notebook: str, work, doc: str, work_only: str) -> int:
+    """The `main` of a torchrun entry point (`helpers.distill`, `helpers.zsq`): the batch, `--run`, `--backend`
+    and the flag `work_only` ("--grid-only": do the work, do not execute the notebook), then `run_distributed`."""
+    parser = add_distributed_arguments(argparse.ArgumentParser(description=doc.strip().splitlines()[0]), notebook)
+    parser.add_argument(work_only, action="store_true", help="do the work, but do not execute the notebook")
+    args = parser.parse_args(argv)
+    skip_notebook = getattr(args, work_only.lstrip("-").replace("-", "_"))
+    return run_distributed(args.batch, notebook, work, args.run, args.backend, execute_notebook=not skip_notebook)
+
+
 def write_manifest(runs: list[dict], batch_file: str | Path) -> Path:
     rows = []
     for run in runs:

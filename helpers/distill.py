@@ -506,14 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     rank every N-th batch, rank 0 writing the images), then rank 0 executes notebook 03 for it in one
     process, which finds the images, distils nothing and finishes the run exactly as in the batch.
     """
-    import argparse
-
     from helpers import batch
-    parser = batch.add_distributed_arguments(argparse.ArgumentParser(description=main.__doc__.splitlines()[0]), NOTEBOOK)
-    parser.add_argument("--distill-only", action="store_true", help="distil, but do not execute the notebook")
-    args = parser.parse_args(argv)
-    return batch.run_distributed(args.batch, NOTEBOOK, distill_batch_run, args.run, args.backend,
-                                 execute_notebook=not args.distill_only)
+    return batch.distributed_main(argv, NOTEBOOK, distill_batch_run, main.__doc__, "--distill-only")
 
 
 if __name__ == "__main__":

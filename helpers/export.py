@@ -655,3 +655,33 @@ def summary_table(metrics: dict):
                      "MB": round(metrics["bytes"][key] / 1e6, 2) if key else None,
                      "size_ratio": round(metrics["size_ratio_vs_fp32"][key], 2) if key else None})
     return pd.DataFrame(rows)
+
+
+def benchmark_table(result: dict):
+    """`tools.benchmarks_onnx`'s stored result as one row per model, part and thread count: ORT FP32 and ORT
+    int8 (its placement, our scales) milliseconds (best of the rounds), int8 over FP32 as best-of and as the
+    median of paired rounds, convs run as int8, file size ratio, and whether the speed goal is met (both
+    ratios at least the goal of this CPU: 2x with VNNI, 1x without)."""
+    import pandas as pd
+    goal = result["verdict"]["speed_goal"]
+    cpu = result["cpu"]
+    machine = f"{cpu['model']}, {cpu['capability']}" + (", VNNI" if result["verdict"]["vnni"] else "")
+    parts = [("tiny detector", "network", result["network"]), ("tiny detector", "backbone", result["backbone"])]
+    if "paper" in result:
+        parts.append(("paper detector (R50-FPN v2)", "network", result["paper"]))
+    rows = []
+    for model, part, r in parts:
+        convs = r["int8_convs"]["ort_int8_ort_placement"]
+        shape = result["paper"]["input"] if model.startswith("paper") else result["setup"]["input"]
+        for threads, t in r["threads"].items():
+            best = t["speed_over_ort_fp32_best"]["ort_int8_ort_placement"]
+            paired = t["speed_over_ort_fp32_paired_median"]["ort_int8_ort_placement"]
+            rows.append({"model": model, "part": part, "input": "x".join(map(str, shape[2:])), "threads": int(threads),
+                         "ORT FP32 ms": round(t["best_ms"]["ort_fp32"], 1),
+                         "ORT int8 ms": round(t["best_ms"]["ort_int8_ort_placement"], 1),
+                         "int8 speed, best-of": round(best, 2), "int8 speed, paired median": round(paired, 2),
+                         "int8 convs": f"{convs['int8_convs']}/{convs['convs']}",
+                         "size ratio": round(r["size_ratio_vs_fp32"]["ort_int8_ort_placement"], 2),
+                         f"speed >= {goal:g}x": bool(min(best, paired) >= goal), "cpu": machine})
+    return pd.DataFrame(rows)
+

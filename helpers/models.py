@@ -139,6 +139,26 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def randomise_norm_layers(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """In place, and returned: every norm layer's affine parameters and statistics and every conv bias
+    drawn at random (from `generator`, else torch's global one), as a trained model's are. For measuring
+    a model without its trained weights (export sizes, int8 speed): a fresh model's ones and zeros are
+    all alike, so the ONNX exporter shares one constant between layers, which no trained model does and
+    onnxruntime's quantizer refuses ("shared mode is not supported for weight")."""
+    from torchvision.ops import FrozenBatchNorm2d
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d)):
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0, 0.1, generator=generator)
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                m.running_mean.normal_(0, 0.1, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0, 0.05, generator=generator)
+    return model
+
+
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

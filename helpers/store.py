@@ -118,6 +118,15 @@ def newest_run(batch: str, notebook: str) -> runs.Run:
     return run
 
 
+def benchmark(name: str) -> dict:
+    """A stored benchmark result, `results/benchmarks/<name>.json`, or MissingResults saying how to measure it."""
+    path = runs.results_dir() / "benchmarks" / f"{name}.json"
+    if not path.exists():
+        raise MissingResults(f"results/benchmarks/{name}.json is not stored: measure it with "
+                             f"`python -m tools.benchmarks_{name}` on an idle CPU")
+    return json.loads(path.read_text())
+
+
 def _preview(path: Path) -> dict[int, np.ndarray]:
     if not path.exists():
         return {}

@@ -262,14 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     each rank every N-th cell, rank 0 appending the rows in grid order), then rank 0 executes notebook
     04 for it in one process, which finds every row done and finishes the run exactly as in the batch.
     """
-    import argparse
-
     from helpers import batch
-    parser = batch.add_distributed_arguments(argparse.ArgumentParser(description=main.__doc__.splitlines()[0]), NOTEBOOK)
-    parser.add_argument("--grid-only", action="store_true", help="evaluate the grid, but do not execute the notebook")
-    args = parser.parse_args(argv)
-    return batch.run_distributed(args.batch, NOTEBOOK, quantize_batch_run, args.run, args.backend,
-                                 execute_notebook=not args.grid_only)
+    return batch.distributed_main(argv, NOTEBOOK, quantize_batch_run, main.__doc__, "--grid-only")
 
 
 if __name__ == "__main__":

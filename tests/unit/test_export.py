@@ -11,21 +11,9 @@ torch.set_num_threads(1)
 
 
 def _randomised(seed: int = 0) -> nn.Module:
-    """Tiny random detector with non-trivial norm statistics and biases (zero ones are all alike, the
-    exporter then shares one constant between layers, which no trained model does)."""
+    """Tiny random detector with non-trivial norm statistics and biases (`models.randomise_norm_layers`)."""
     torch.manual_seed(seed)
-    model = models.build_detector(models.TINY_ARCH, 4, 128, 160).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-            if isinstance(m, nn.Conv2d) and m.bias is not None:
-                m.bias.normal_(0, 0.05)
-    return model
+    return models.randomise_norm_layers(models.build_detector(models.TINY_ARCH, 4, 128, 160).eval())
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +109,25 @@ def test_onnx_benchmark_measures_both_parts_side_by_side(tmp_path):
         assert result[part]["bytes"]["ort_fp32"] > 3.5 * result[part]["bytes"]["ort_int8_qdq"]
         assert result[part]["int8_convs"]["ort_int8_ort_placement"]["all_int8"]
     assert result["backbone"]["bytes"]["ort_fp32"] < result["network"]["bytes"]["ort_fp32"]
-    assert set(result["verdict"]["int8_speedup_measured"]) == {"network", "backbone"}
+    assert set(result["verdict"]["int8_speedup_measured"]) == {"tiny network", "tiny backbone"}
+    table = export.benchmark_table(result)  # what make figures shows of it
+    assert list(zip(table["model"], table["part"], table["threads"])) == [("tiny detector", "network", 1),
+                                                                           ("tiny detector", "backbone", 1)]
+    assert table["ORT FP32 ms"][0] == round(result["network"]["threads"]["1"]["best_ms"]["ort_fp32"], 1)
+    goal = result["verdict"]["speed_goal"]
+    assert list(table[f"speed >= {goal:g}x"]) == [min(result[p]["threads"]["1"]["speed_over_ort_fp32_best"]["ort_int8_ort_placement"],
+                                                      result[p]["threads"]["1"]["speed_over_ort_fp32_paired_median"]["ort_int8_ort_placement"]) >= goal
+                                                  for p in ("network", "backbone")]
+
+
+def test_the_paper_detector_benchmark_exports_times_and_runs_every_conv_in_int8():
+    from tools import benchmarks_onnx
+    result = benchmarks_onnx.paper_detector(repeats=1, threads=(1,), shape=(1, 3, 64, 96))
+    assert result["arch"] == "retinanet_resnet50_fpn_v2" and result["input"] == [1, 3, 64, 96]
+    assert result["int8_convs"]["ort_int8_ort_placement"]["all_int8"]  # onnxruntime took every constant (none shared)
+    assert result["int8_convs"]["ort_int8_ort_placement"]["convs"] > 100
+    assert result["size_ratio_vs_fp32"]["ort_int8_qdq"] > 3.9
+    assert set(result["threads"]["1"]["best_ms"]) == {"torch_fp32", "ort_fp32", "ort_int8_ort_placement"}
 
 
 def test_narrow_range_effect_is_measured(calibrated):

@@ -275,7 +275,7 @@ def test_main_regenerates_every_artifact_and_skips_dfmpc_with_a_reason(tree, cap
         if "dfmpc" in name:
             assert f"{name}: skipped: batch 'tiny' has no stored 05_compensate_dfmpc run" in out
             assert not any(w.startswith(name + ".") for w in written)
-        elif name in ("table_noise_variants", "table_schemes", "table_export") or "spmixq" in name or "task_zsq" in name:  # this small tree lacks those runs
+        elif name in ("table_noise_variants", "table_schemes", "table_export", "table_onnx_speed") or "spmixq" in name or "task_zsq" in name:  # this small tree lacks those runs
             assert f"{name}: skipped: " in out and not any(w.startswith(name + ".") for w in written)
         else:
             assert all(f"{name}{s}" in written for s in suffixes), name
