@@ -66,3 +66,39 @@ def test_failure_names_notebook_and_cell(tmp_path, monkeypatch, capsys):
     assert batch.main([str(bad)]) == 1
     err = capsys.readouterr().err
     assert "02_train_detector" in err and "failed in cell" in err and "DatasetError" in err and "FLIR ADAS v1.3" in err
+
+
+def test_the_paper_scale_steps_of_the_readme_on_the_smoke_fixtures(tmp_path):
+    """The README's *Paper scale* commands, in its order, with 2 gloo processes where it says torchrun:
+    01 alone, then 02, 03 and 04 under torchrun (each rank 0 executing its notebooks), then the batch runner,
+    which finds 01-04 finished and makes the rest."""
+    import os
+    import subprocess
+    import sys
+    results = tmp_path / "results"
+    env = dict(os.environ, IRZSQ_RESULTS_DIR=str(results), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    batch_file = "params/smoke_paper_steps.yaml"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(29_500 + os.getpid() % 1000 + 1)]
+    readme = (ROOT / "README.md").read_text()
+    steps = [[sys.executable, "-m", "helpers.batch", batch_file, "--only", "01_prepare_data"],
+             [*torchrun, "-m", "helpers.train", batch_file],
+             [*torchrun, "-m", "helpers.distill", batch_file],
+             [*torchrun, "-m", "helpers.zsq", batch_file],
+             [sys.executable, "-m", "helpers.batch", batch_file]]
+    for module in ("helpers.train", "helpers.distill", "helpers.zsq"):
+        assert f"torchrun --nproc-per-node 4 -m {module} params/paper.yaml" in readme  # the steps are the README's
+    outputs = []
+    for step in steps:
+        done = subprocess.run(step, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, " ".join(step) + "\n" + done.stdout[-3000:] + done.stderr[-3000:]
+        outputs.append(done.stdout)
+    runs = batch.load_batch(ROOT / batch_file)
+    made_by_torchrun = [r for r in runs if r["notebook"] in ("02_train_detector", "03_distill_calibration_data",
+                                                             "04_quantize_evaluate")]
+    for out, notebook in zip(outputs[1:4], ("02_train_detector", "03_distill_calibration_data", "04_quantize_evaluate")):
+        assert out.count("on 2 process(es)") == sum(r["notebook"] == notebook for r in runs), out
+    last = outputs[-1]
+    assert last.count("skipped") == 1 + len(made_by_torchrun), last  # 01 and every torchrun run were finished
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert [r["finished"] for r in manifest["batches"]["smoke_paper_steps"]] == [True] * len(runs)
