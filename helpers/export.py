@@ -594,6 +594,25 @@ def _ap(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("AP", "AP50", "APs")}
 
 
+def export_all(float_model: RetinaNet, quantized: RetinaNet, calib_batches: list[torch.Tensor], workdir: str | Path,
+               part: str = "network", example: torch.Tensor | None = None, percentile: float = 99.99,
+               reference: bool = True) -> dict:
+    """The ONNX files of one part, in `workdir`: "fp32" (the float model), "qdq" (the faithful QDQ export of
+    `quantized`), "qdq_ort" (onnxruntime's Q/DQ placement carrying our calibrated scales) and, when
+    `reference`, "ort_static" (onnxruntime's own quantize_static of the float model on `calib_batches`)."""
+    check_exportable(quantized)
+    workdir = Path(workdir)
+    files = {"fp32": export_float(float_model, workdir / "fp32.onnx", example, part),
+             "qdq": export_qdq(quantized, workdir / "qdq.onnx", example, part)}
+    export_float(quantized, workdir / "fakequant_float.onnx", example, part)
+    files["qdq_ort"] = quantize_ort(workdir / "fakequant_float.onnx", workdir / "qdq_ort.onnx", calib_batches,
+                                    quantized, pin_scales=True, percentile=percentile)
+    if reference:
+        files["ort_static"] = quantize_ort(workdir / "fp32.onnx", workdir / "ort_static.onnx", calib_batches,
+                                           percentile=percentile)
+    return files
+
+
 def deployment_check(float_model: RetinaNet, quantized: RetinaNet, val_set, calib_batches: list[torch.Tensor],
                      workdir: str | Path, threads: int = 2, compare_images: int = 8, percentile: float = 99.99,
                      tolerance_ap: float = 0.003) -> dict:
@@ -603,15 +622,7 @@ def deployment_check(float_model: RetinaNet, quantized: RetinaNet, val_set, cali
     onnxruntime's own quantize_static of `float_model` calibrated on `calib_batches` (normalised
     images, e.g. distilled) as the reference path. The .onnx files go to `workdir`."""
     from helpers import evaluate
-    check_exportable(quantized)
-    workdir = Path(workdir)
-    files = {"fp32": export_float(float_model, workdir / "fp32.onnx"),
-             "qdq": export_qdq(quantized, workdir / "qdq.onnx")}
-    export_float(quantized, workdir / "fakequant_float.onnx")
-    files["qdq_ort"] = quantize_ort(workdir / "fakequant_float.onnx", workdir / "qdq_ort.onnx", calib_batches,
-                                    quantized, pin_scales=True, percentile=percentile)
-    files["ort_static"] = quantize_ort(workdir / "fp32.onnx", workdir / "ort_static.onnx", calib_batches,
-                                       percentile=percentile)
+    files = export_all(float_model, quantized, calib_batches, workdir, percentile=percentile)
     images = [val_set[i][0] for i in range(min(compare_images, len(val_set)))]
     with torch.inference_mode():
         batch = quantized.transform(images)[0].tensors

@@ -37,15 +37,14 @@ def _detector(seed: int):
         return models.randomise_norm_layers(model), "random (norm statistics randomised)"
 
 
-def _files(model, q, calib, tmp: str, part: str, example=None) -> dict:
-    """The four ONNX files of one part of the detector: FP32, faithful QDQ, ORT placement with our scales, ORT's own."""
-    files = {"ort_fp32": export.export_float(model, f"{tmp}/{part}_fp32.onnx", example, part),
-             "ort_int8_qdq": export.export_qdq(q, f"{tmp}/{part}_qdq.onnx", example, part)}
-    export.export_float(q, f"{tmp}/{part}_fq.onnx", example, part)
-    files["ort_int8_ort_placement"] = export.quantize_ort(f"{tmp}/{part}_fq.onnx", f"{tmp}/{part}_pin.onnx", calib, q,
-                                                          pin_scales=True)
-    files["ort_int8_quantize_static"] = export.quantize_ort(f"{tmp}/{part}_fp32.onnx", f"{tmp}/{part}_st.onnx", calib)
-    return files
+BENCHMARK_NAMES = {"fp32": "ort_fp32", "qdq": "ort_int8_qdq", "qdq_ort": "ort_int8_ort_placement",
+                   "ort_static": "ort_int8_quantize_static"}  # export.export_all's files, as onnx.json names them
+
+
+def _files(model, q, calib, tmp: str, part: str, example=None, reference: bool = True) -> dict:
+    """The ONNX files of one part of the detector (`export.export_all`) under the benchmark's names."""
+    files = export.export_all(model, q, calib, f"{tmp}/{part}", part, example, reference=reference)
+    return {BENCHMARK_NAMES[k]: v for k, v in files.items()}
 
 
 def _sizes(files: dict) -> dict:
@@ -71,11 +70,7 @@ def paper_detector(seed: int = 0, repeats: int = 7, threads: tuple[int, ...] = (
     calib = [torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(seed + 1))]
     quant.calibrate(q, calib, normalized=True, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"ort_fp32": export.export_float(model, f"{tmp}/fp32.onnx", example),
-                 "ort_int8_qdq": export.export_qdq(q, f"{tmp}/qdq.onnx", example)}
-        export.export_float(q, f"{tmp}/fq.onnx", example)
-        files["ort_int8_ort_placement"] = export.quantize_ort(f"{tmp}/fq.onnx", f"{tmp}/pin.onnx", calib, q,
-                                                              pin_scales=True)
+        files = _files(model, q, calib, tmp, "network", example, reference=False)
         out = {"arch": PAPER_ARCH, "input": list(shape), "weights": "random, norm layers randomised",
                "parameters": sum(p.numel() for p in model.parameters()), **_sizes(files),
                "int8_convs": {k: export.int8_conv_count(v["path"]) for k, v in files.items() if k != "ort_fp32"}}
