@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 
 from helpers import quant, references, runs
+from helpers.references import EFFECT_SHARE, VERDICTS, effect_verdict  # the claim rule, shared with task_zsq
 
 PAPER_SETTING = "W8A8"
 # A claim "holds" only with an effect of the paper's order: at least this share of the paper's
 # relative effect, in the claimed direction and beyond the spread. A right direction with a smaller
 # (or unseparated) effect is its own verdict, "direction only", never "holds".
-EFFECT_SHARE = 1 / 3
-VERDICTS = ("holds", "direction only", "does not hold")
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
@@ -347,19 +346,6 @@ def sweep_table(rows: pd.DataFrame, setting: str = PAPER_SETTING) -> pd.DataFram
     return table
 
 
-
-
-def effect_verdict(ours: float, spread: float, paper: float | None, share: float = EFFECT_SHARE) -> str:
-    """Verdict on a signed effect (positive = the claim's direction), all relative to their baseline.
-
-    ours / paper: our and the paper's effect as a share of mAP (e.g. 0.38 for a 12-point gap on 31.2);
-    spread: the noise on ours in the same unit. `paper=None` (the paper gives no number) judges the
-    direction and the separation only.
-    """
-    if ours <= 0:
-        return "does not hold"
-    large = paper is None or ours >= share * paper
-    return "holds" if ours > spread and large else "direction only"
 
 
 @dataclass

@@ -42,6 +42,7 @@ from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from helpers import distill, quant, runs
+from helpers.references import VERDICTS, effect_verdict  # notebook 06's rule
 from helpers.distill import DistillationDiverged
 
 CONVENTIONS = ("toolkit", "whole")
@@ -995,8 +996,6 @@ PAPER_SMALL_REAL = {("YOLOv5-s", "COCO (2k)"): {"W8A8": (35.8, 31.6), "W6A6": (3
                     ("Swin-T Mask R-CNN", "COCO (2k)"): {"W8A8": (45.1, 44.4), "W6A6": (42.0, 41.2), "W4A8": (43.0, 43.3)},
                     ("R50 Mask R-CNN", "VOC (50)"): {"W8A8": (72.9, 70.9)},
                     ("R50 Mask R-CNN", "COCO (2k)"): {"W8A8": (35.2, 32.9), "W4A8": (34.6, 32.3)}}
-EFFECT_SHARE = 1 / 3   # as helpers.compare: "holds" needs a third of the paper's relative effect beyond the spread
-VERDICTS = ("holds", "direction only", "does not hold")
 
 
 def paper_rows() -> list[dict]:
@@ -1011,15 +1010,6 @@ def paper_effect(setting: str, which: str = "agnostic") -> float | None:
     table = PAPER_TABLE4.values() if which == "agnostic" else PAPER_SMALL_REAL.values()
     gains = [(a - b) / b for row in table for s, (a, b) in row.items() if s == setting]
     return float(np.mean(gains)) if gains else None
-
-
-def effect_verdict(ours: float, spread: float, paper: float | None, share: float = EFFECT_SHARE) -> str:
-    """helpers.compare's rule (restated here, not imported, while compare.py is refactored): positive effect beyond
-    the spread and at least `share` of the paper's relative effect -> holds; right sign otherwise -> direction only."""
-    if ours <= 0:
-        return "does not hold"
-    large = paper is None or ours >= share * paper
-    return "holds" if ours > spread and large else "direction only"
 
 
 def _stat(table, convention, setting, method):
