@@ -696,3 +696,11 @@ def benchmark_table(result: dict):
                          f"speed >= {goal:g}x": bool(min(best, paired) >= goal), "cpu": machine})
     return pd.DataFrame(rows)
 
+
+def benchmark_summary(result: dict | None) -> str:
+    """`benchmark_table` as text with the CPU it was measured on, or what to run when nothing is stored."""
+    if result is None:
+        return "no results/benchmarks/onnx.json in this results tree: measure it with `python -m tools.benchmarks_onnx`"
+    table = benchmark_table(result)
+    return table.drop(columns="cpu").to_string(index=False) + f"\nmeasured on: {table['cpu'].iloc[0]}"
+

@@ -177,3 +177,12 @@ def test_bad_inputs_fail_before_export(calibrated, tmp_path):
     with pytest.raises(export.ExportError, match="unknown architecture"):
         export.export_qdq(quant.quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3)), 8, 8), tmp_path / "e.onnx")
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_a_results_tree_without_the_benchmark_says_what_to_run(tmp_path, monkeypatch):
+    from helpers import store
+    monkeypatch.setenv("IRZSQ_RESULTS_DIR", str(tmp_path))
+    assert store.benchmark("onnx", missing_ok=True) is None
+    with pytest.raises(store.MissingResults, match="tools.benchmarks_onnx"):
+        store.benchmark("onnx")
+    assert "python -m tools.benchmarks_onnx" in export.benchmark_summary(None)
