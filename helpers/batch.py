@@ -32,11 +32,12 @@ import ast
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from helpers.runs import ROOT, atomic_write_json, is_finished, rerun_message, results_dir, run_id
+from helpers.runs import ROOT, atomic_write_json, cpu_info, is_finished, rerun_message, results_dir, run_id
 
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -239,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="run only these notebooks (repeatable)")
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
     parser.add_argument("--list", action="store_true", help="print the resolved runs and exit")
+    parser.add_argument("--timings", metavar="JSON", help="write each run's status and wall time, with the CPU and "
+                        "its load, to this file after every run (e.g. results/benchmarks/batch_tiny.json)")
     args = parser.parse_args(argv)
     try:
         runs = load_batch(args.batch)
-        mismatches = []
+        mismatches, timings = [], {"batch": str(args.batch), "cpu": cpu_info(), "cores": os.cpu_count(),
+                                   "load_average_1min_start": os.getloadavg()[0], "runs": []}
         selected = [r for r in runs if not args.only or r["notebook"] in args.only]
         for i, run in enumerate(selected, 1):
             label = f"[{i}/{len(selected)}] {run['notebook']} {run['run_id']} {run['overrides']}"
@@ -250,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(label)
                 continue
             print(label, "...", flush=True)
+            started = time.perf_counter()
             status = execute(run, args.force)
             print(f"    {status}", flush=True)
+            if args.timings:
+                timings["runs"].append({"notebook": run["notebook"], "run_id": run["run_id"], "status": status,
+                                        "seconds": round(time.perf_counter() - started, 1)})
+                made = [r["seconds"] for r in timings["runs"] if r["status"] == "done"]
+                atomic_write_json(args.timings, {**timings, "made_runs": len(made), "made_minutes": round(sum(made) / 60, 2),
+                                                 "load_average_1min_now": os.getloadavg()[0]})
             mismatch = rerun_mismatch(run) if status == "done" else []
             if mismatch:
                 mismatches.append(f"{run['notebook']}/{run['run_id']}")

@@ -15,8 +15,12 @@ def test_smoke_batch_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IRZSQ_RESULTS_DIR", str(results))
     for made in ("smoke", "sirst_synthetic_smoke"):  # made from nothing, as on a clean clone
         shutil.rmtree(ROOT / "data" / made, ignore_errors=True)
-    assert batch.main(["params/smoke.yaml"]) == 0
+    assert batch.main(["params/smoke.yaml", "--timings", str(tmp_path / "timings.json")]) == 0
     runs = batch.load_batch(ROOT / "params" / "smoke.yaml")
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert [(t["notebook"], t["run_id"], t["status"]) for t in timings["runs"]] == [
+        (r["notebook"], r["run_id"], "done") for r in runs]
+    assert timings["made_runs"] == len(runs) and timings["made_minutes"] > 0 and "isa" in timings["cpu"]
     for run in runs:
         folder = results / run["notebook"] / run["run_id"]
         metrics = json.loads((folder / "metrics.json").read_text())
