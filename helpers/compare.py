@@ -20,9 +20,6 @@ from helpers import quant, references, runs
 from helpers.references import EFFECT_SHARE, VERDICTS, effect_verdict  # the claim rule, shared with task_zsq
 
 PAPER_SETTING = "W8A8"
-# A claim "holds" only with an effect of the paper's order: at least this share of the paper's
-# relative effect, in the claimed direction and beyond the spread. A right direction with a smaller
-# (or unseparated) effect is its own verdict, "direction only", never "holds".
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
@@ -107,15 +104,14 @@ def colour_of_previews(previews: dict[str, dict[int, np.ndarray]]) -> pd.DataFra
 
 
 ROWS_FILE = "compared_rows.jsonl"  # in the notebook 06 run: every row it compared, labelled (`write_rows`)
-LABELS = ("calibrator", "percentile", "scheme")  # what a row records of its calibration (`zsq.setting_labels`)
+LABELS = ("calibrator", "percentile", "scheme")  # what a row records of its calibration (`quant.calibration_labels`)
 
 
 def _labels(params: dict) -> dict:
-    """A 04 run's calibration, as its rows record it: the run's parameters say it for rows stored
-    before the rows named it themselves."""
-    calibrator = params.get("CALIBRATOR", "percentile")
-    return {"calibrator": calibrator, "percentile": params.get("PERCENTILE", 99.99) if calibrator == "percentile" else None,
-            "scheme": "symmetric" if params.get("SYMMETRIC", True) else "asymmetric"}
+    """A 04 run's calibration as its rows record it (`quant.calibration_labels`), from the run's parameters:
+    rows stored before Dec 2026 do not name it themselves."""
+    return quant.calibration_labels(params.get("CALIBRATOR", "percentile"), params.get("PERCENTILE", 99.99),
+                                    params.get("SYMMETRIC", True))
 
 
 def collect_rows(calibration: list[runs.Run]) -> pd.DataFrame:

@@ -99,6 +99,13 @@ def check_calibrator(calibrator: str, symmetric: bool, percentile: float) -> Non
 _SETTING = re.compile(r"^W(\d)A(\d)$")
 
 
+def calibration_labels(calibrator: str, percentile: float, symmetric: bool) -> dict:
+    """What a result row records of its calibration: calibrator, percentile (percentile calibrator only,
+    else None) and scheme ("symmetric" / "asymmetric")."""
+    return {"calibrator": calibrator, "percentile": percentile if calibrator == "percentile" else None,
+            "scheme": "symmetric" if symmetric else "asymmetric"}
+
+
 @dataclass(frozen=True)
 class QuantSetting:
     """One bit setting of the whole model ("W8A4": 8-bit weights, 4-bit activations) with its activation
@@ -140,6 +147,11 @@ class QuantSetting:
     @property
     def scheme(self) -> str:
         return "symmetric" if self.symmetric else "asymmetric"
+
+    @property
+    def labels(self) -> dict:
+        """`calibration_labels` of this setting: what its result rows record."""
+        return calibration_labels(self.calibrator, self.percentile, self.symmetric)
 
     def quantize(self, model: nn.Module, **kwargs) -> nn.Module:
         """`quantize_model` at this setting (kwargs: weight_calibrator, num_bins, layer_bits, exclude)."""

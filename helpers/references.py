@@ -29,6 +29,9 @@ def paper(name: str) -> dict:
     return copy.deepcopy(papers[name])
 
 
+# A claim "holds" only with an effect of the paper's order: at least this share of the paper's
+# relative effect, in the claimed direction and beyond the spread. A right direction with a smaller
+# (or unseparated) effect is its own verdict, "direction only", never "holds".
 EFFECT_SHARE = 1 / 3
 VERDICTS = ("holds", "direction only", "does not hold")
 

@@ -160,15 +160,6 @@ def done_keys(rows: list[dict]) -> set[tuple]:
     return {(r["setting"], r["iteration"], r["batch"]) for r in rows}
 
 
-def setting_labels(setting: quant.QuantSetting) -> dict:
-    """What a result row records of its calibration: calibrator, percentile (percentile calibrator
-    only, else None) and scheme. Rows stored before Dec 2026 lack these fields; their run's
-    parameters say the same (`compare.collect_rows` labels them from there)."""
-    return {"calibrator": setting.calibrator,
-            "percentile": setting.percentile if setting.calibrator == "percentile" else None,
-            "scheme": setting.scheme}
-
-
 def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bool, val_set,
              settings: list[quant.QuantSetting | str], rows_path: Path, progress: bool | None = None) -> list[dict]:
     """Evaluate every (setting, iteration, batch) not yet in `rows_path`, appending one row each.
@@ -176,7 +167,7 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
     `settings`: `quant.QuantSetting`s (a "W8A4" string means the default calibration), all checked
     before any row. `batches_by_iteration` maps a distillation iteration (None for real/noise
     sources) to its batches. A row is keyed by the setting's name and names its calibration
-    (`setting_labels`). Returns all rows, old and new, in grid order.
+    (`QuantSetting.labels`). Returns all rows, old and new, in grid order.
 
     Under torchrun (`python -m helpers.zsq`) the missing cells go out in rounds of one per rank
     (`distributed.map_sharded`), and rank 0 appends each round's rows in grid order: the file holds
@@ -202,7 +193,7 @@ def run_grid(model, batches_by_iteration: dict[int | None, list], normalized: bo
             copies[name] = setting.quantize(model)
         result = quantized_map(model, batches_by_iteration[iteration][b], normalized, val_set, setting,
                                quantized=copies[name])
-        return {"setting": name, "iteration": iteration, "batch": b, **result, **setting_labels(setting)}
+        return {"setting": name, "iteration": iteration, "batch": b, **result, **setting.labels}
 
     step = distributed.world_size()
     with tqdm(total=len(todo), desc="quantize+evaluate", disable=not show) as bar:
