@@ -122,9 +122,9 @@ def benchmark(name: str, missing_ok: bool = False) -> dict | None:
     """A stored benchmark result, `results/benchmarks/<name>.json`; when absent MissingResults saying how to
     measure it, or None with `missing_ok` (a redirected results tree, as in the smoke batch, has none)."""
     path = runs.results_dir() / "benchmarks" / f"{name}.json"
-    if not path.exists() and missing_ok:
-        return None
     if not path.exists():
+        if missing_ok:
+            return None
         raise MissingResults(f"results/benchmarks/{name}.json is not stored: measure it with "
                              f"`python -m tools.benchmarks_{name}` on an idle CPU")
     return json.loads(path.read_text())
