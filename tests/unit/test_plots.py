@@ -379,3 +379,15 @@ def test_spmixq_artifacts_are_skipped_with_a_reason_without_an_08_run(tree):
     for name in ("fig_spmixq_sensitivity", "table_spmixq_claims", "table_spmixq_pareto_detector"):
         with pytest.raises(store.MissingResults, match="no stored 08_mixed_precision_spmixq run"):
             plots.make(name, stored)
+
+
+def test_findings_summarise_the_companion_tables_in_one_line_each():
+    claims = pd.DataFrame({"claim": ["a", "b", "c"], "cell": ["W8", "W4", "W4"],
+                           "verdict": ["does not hold", "holds", "direction only"]})
+    line = plots.summary_line("table_x", claims)
+    assert line.startswith("3 claims: holds 1, direction only 1, does not hold 1. Holds: b (W4)")
+    assert line.endswith("(`table_x` in `results/RESULTS.md`).")
+    speed = pd.DataFrame({"model": ["tiny", "tiny"], "part": ["network", "network"], "threads": [1, 2],
+                          "size ratio": [3.8, 3.8], "speed >= 2x": [True, False], "cpu": ["EPYC", "EPYC"]})
+    line = plots.summary_line("table_onnx_speed", speed)
+    assert "in 1 of 2 rows, not for the tiny network at 2 threads; files 3.80-3.80x smaller; measured on EPYC" in line
